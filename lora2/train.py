@@ -1,0 +1,314 @@
+"""The LoRA² training loop: frozen denoiser + noise rule + cached batches + an attached handle.
+
+It owns everything between "here is a model and data" and "here is a trained adapter": device
+placement of the batches, autocast, gradient checkpointing, the optimizer and its schedule, the
+grow/shrink call after every optimizer step, the final rank-freeze phase, periodic checkpoints, and
+progress / cancel callbacks. It knows nothing about ComfyUI: the node passes a denoiser callable and a
+:class:`~lora2.noise.DenoisedRule` built from the model's own ``model_sampling``; plain Python passes a
+diffusers UNet and a :class:`~lora2.noise.DDPMRule`.
+
+Why a final rank-freeze phase (``rank_freeze_fraction``): the priors that let a component grow also
+shrink its factors a little; for the last fraction of the steps the ranks are frozen and the priors
+dropped, so the factors fit the data at the ranks found (AdaLoRA's final fine-tuning phase).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from .attach import LoRA2Handle
+from .checkpointing import checkpointed
+from .config import DTYPES
+from .errors import LoRA2Error
+from .noise import Prepared
+
+
+class BatchLike(Protocol):
+    latents: torch.Tensor
+    conditioning: dict[str, torch.Tensor]
+
+
+class NoiseRuleLike(Protocol):
+    def prepare(self, x0: torch.Tensor, noise: torch.Tensor, generator: torch.Generator) -> Prepared: ...
+
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+
+BASE_OPTIMIZERS = ("adamw", "adam", "sgd")
+OPTIONAL_OPTIMIZERS = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}
+
+
+def available_optimizers() -> list[str]:
+    """AdamW, Adam, SGD, and AdamW8bit / Prodigy when their packages are installed."""
+    extra = [name for name, module in OPTIONAL_OPTIMIZERS.items() if importlib.util.find_spec(module) is not None]
+    return [*BASE_OPTIMIZERS, *extra]
+
+
+def make_optimizer(name: str, groups: list[dict], weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """Build the named optimizer over ``groups`` (each group keeps its own ``lr``)."""
+    if name == "adamw":
+        return torch.optim.AdamW(groups, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(groups, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, momentum=0.9, weight_decay=weight_decay)
+    if name == "adamw8bit" and "adamw8bit" in available_optimizers():
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(groups, weight_decay=weight_decay)
+    if name == "prodigy" and "prodigy" in available_optimizers():
+        import prodigyopt
+
+        return prodigyopt.Prodigy(groups, weight_decay=weight_decay)
+    raise LoRA2Error(
+        f"optimizer {name!r} is not available; choose one of {available_optimizers()} "
+        f"(AdamW8bit needs `pip install bitsandbytes`, Prodigy needs `pip install prodigyopt`)"
+    )
+
+
+@dataclass
+class TrainConfig:
+    """How to train (what to adapt is :class:`~lora2.config.LoRA2Config`)."""
+
+    steps: int = 500
+    batch_size: int = 1
+    lr: float = 1e-4
+    """Learning rate of the LoRA factors."""
+    nu_lr: float = 1e-2
+    """Learning rate of every component's ν (the rank parameters)."""
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    """Decoupled weight decay; 0 by default because the weight prior already is one."""
+    dtype: str = "bfloat16"
+    """Autocast compute dtype: bfloat16, float16 (CUDA: with loss scaling) or float32."""
+    gradient_checkpointing: bool = False
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+    rank_freeze_fraction: float = 0.2
+    """Final fraction of the steps with ranks frozen and the priors dropped (0 disables)."""
+    save_every: int = 0
+    """Call ``on_checkpoint`` every this many steps (0: never; the caller also saves at the end)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise LoRA2Error(f"steps must be at least 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise LoRA2Error(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.lr <= 0 or self.nu_lr < 0:
+            raise LoRA2Error(f"learning rates must be positive (lr={self.lr}, nu_lr={self.nu_lr})")
+        if self.dtype not in DTYPES:
+            raise LoRA2Error(f"training dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if not 0.0 <= self.rank_freeze_fraction < 1.0:
+            raise LoRA2Error(f"rank_freeze_fraction must be in [0, 1), got {self.rank_freeze_fraction}")
+
+    @property
+    def freeze_step(self) -> int:
+        """The step from which ranks are frozen."""
+        return self.steps - int(self.steps * self.rank_freeze_fraction)
+
+
+@dataclass
+class History:
+    """Per optimizer step: the data loss and every component's rank (for charts and heatmaps)."""
+
+    components: list[str]
+    loss: list[float] = field(default_factory=list)
+    ranks: list[list[int]] = field(default_factory=list)
+
+    def record(self, loss: float, ranks: dict[str, int]) -> None:
+        self.loss.append(loss)
+        self.ranks.append([ranks[name] for name in self.components])
+
+    @property
+    def total_rank(self) -> list[int]:
+        return [sum(row) for row in self.ranks]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> History:
+        return cls(components=list(data["components"]), loss=list(data["loss"]), ranks=[list(r) for r in data["ranks"]])
+
+
+@dataclass
+class StepReport:
+    """What progress callbacks receive after each step."""
+
+    step: int
+    total_steps: int
+    loss: float
+    total_rank: int
+    adapter_megabytes: float
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    history: History
+    step: int
+    """Optimizer steps done in total (including any resumed ones)."""
+    stopped_early: bool
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+
+
+def adapter_megabytes(handle: LoRA2Handle, bytes_per_number: int = 2) -> float:
+    """Projected size of the exported adapter (fp16 by default)."""
+    return handle.num_parameters() * bytes_per_number / 1e6
+
+
+def _warmup_factor(warmup: int) -> Callable[[int], float]:
+    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class Trainer:
+    """One training run. Build it, optionally :meth:`resume`, then :meth:`run`.
+
+    Args:
+        denoiser: ``(model_input, timestep, conditioning) -> output``; the frozen model with the
+            handle's adapters attached.
+        rule: noise rule (see :mod:`lora2.noise`).
+        batches: an endless iterator of batches with ``latents`` and a ``conditioning`` dict.
+        handle: the attached LoRA² components.
+        config: training settings.
+        device: where the denoiser runs (batches are moved there).
+        checkpoint_modules: blocks to run under gradient checkpointing when it is enabled.
+        on_step: called after every step with a :class:`StepReport`.
+        should_stop: polled after every step; True ends training cleanly (Cancel).
+        on_checkpoint: called with ``(step, trainer)`` every ``save_every`` steps.
+    """
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        rule: NoiseRuleLike,
+        batches: Iterator[BatchLike],
+        handle: LoRA2Handle,
+        config: TrainConfig,
+        device: torch.device | str = "cpu",
+        checkpoint_modules: Sequence[torch.nn.Module] = (),
+        on_step: Callable[[StepReport], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        on_checkpoint: Callable[[int, Trainer], None] | None = None,
+    ) -> None:
+        self.denoiser = denoiser
+        self.rule = rule
+        self.batches = batches
+        self.handle = handle
+        self.config = config
+        self.device = torch.device(device)
+        self.checkpoint_modules = list(checkpoint_modules)
+        self.on_step = on_step
+        self.should_stop = should_stop
+        self.on_checkpoint = on_checkpoint
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        self.history = History(components=list(handle.ranks()))
+        self.optimizer = self._build_optimizer()
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        groups = self.handle.param_groups(self.config.lr, self.config.nu_lr)
+        optimizer = make_optimizer(self.config.optimizer, groups, self.config.weight_decay)
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        self.handle.bind(optimizer)
+        return optimizer
+
+    def resume(self, step: int, optimizer_state: dict | None, history: History, generator_state: torch.Tensor) -> None:
+        """Continue from a saved run; the handle must already hold the saved adapter state."""
+        if step >= self.config.steps:
+            raise LoRA2Error(f"the saved run already did {step} steps; raise steps above that to continue it")
+        self.optimizer = self._build_optimizer()  # the handle's parameters were replaced by load_state_dict
+        if optimizer_state is not None:
+            self.optimizer.load_state_dict(optimizer_state)
+        self.step = step
+        self.history = history
+        self.generator.set_state(generator_state)
+
+    def _set_lr(self) -> None:
+        factor = _warmup_factor(self.config.warmup_steps)(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+
+    def _loss(self, batch: BatchLike) -> torch.Tensor:
+        x0 = batch.latents.to(self.device, torch.float32)
+        noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
+        prepared = self.rule.prepare(x0, noise, self.generator)
+        conditioning = {k: v.to(self.device) for k, v in batch.conditioning.items()}
+        with _autocast(self.device, DTYPES[self.config.dtype]):
+            output = self.denoiser(prepared.model_input, prepared.timestep, conditioning)
+        error = (output.float() - prepared.target.float()).pow(2).flatten(1).mean(dim=1)
+        return (error * prepared.weight.to(error)).mean()
+
+    def run(self) -> TrainResult:
+        """Train until ``config.steps`` (or a stop request); returns the history and the optimizer."""
+        cfg = self.config
+        use_scaler = cfg.dtype == "float16" and self.device.type == "cuda"
+        scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        stopped = False
+        started = time.perf_counter()
+        context = checkpointed(self.checkpoint_modules) if cfg.gradient_checkpointing else contextlib.nullcontext()
+        with context:
+            while self.step < cfg.steps:
+                if self.step >= cfg.freeze_step and not self.handle.ranks_frozen:
+                    self.handle.freeze_ranks()
+                self._set_lr()
+                data_loss = self._loss(next(self.batches))
+                if not math.isfinite(float(data_loss.detach())):
+                    raise LoRA2Error(
+                        f"the loss became {float(data_loss)} at step {self.step}; lower the learning rate "
+                        "or train in bfloat16/float32"
+                    )
+                objective = data_loss if self.handle.ranks_frozen else data_loss + self.handle.regularizer()
+                if scaler is not None:
+                    scaler.scale(objective).backward()
+                    scaler.unscale_(self.optimizer)
+                else:
+                    objective.backward()
+                params = list(self.handle.parameters())
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                if scaler is not None:
+                    scaler.step(self.optimizer)
+                    scaler.update()
+                else:
+                    self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.handle.step(self.optimizer)
+                self.step += 1
+                ranks = self.handle.ranks()
+                loss_value = float(data_loss.detach())
+                self.history.record(loss_value, ranks)
+                if self.on_step is not None:
+                    self.on_step(
+                        StepReport(
+                            step=self.step,
+                            total_steps=cfg.steps,
+                            loss=loss_value,
+                            total_rank=sum(ranks.values()),
+                            adapter_megabytes=adapter_megabytes(self.handle),
+                            seconds=time.perf_counter() - started,
+                        )
+                    )
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.on_checkpoint is not None:
+                    self.on_checkpoint(self.step, self)
+                if self.should_stop is not None and self.step < cfg.steps and self.should_stop():
+                    stopped = True
+                    break
+        return TrainResult(self.history, self.step, stopped, self.optimizer, self.generator)

@@ -1,0 +1,202 @@
+"""lora2/train.py from plain Python on a tiny diffusers UNet: loss falls, ranks move, cancel, resume."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+
+from comfyui_lora2.lora2 import LoRA2Config, LoRA2Error, attach
+from comfyui_lora2.lora2.checkpointing import checkpointed, find_blocks
+from comfyui_lora2.lora2.noise import DDPMRule
+from comfyui_lora2.lora2.train import History, TrainConfig, Trainer, available_optimizers, make_optimizer
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor
+    conditioning: dict[str, torch.Tensor]
+
+
+def tiny_unet() -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    return unet.requires_grad_(False)
+
+
+def data(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(4, 4, 8, 8, generator=generator)
+    conditioning = torch.randn(4, 5, 16, generator=generator)
+
+    def batches():
+        index = 0
+        while True:
+            pick = [index % 4, (index + 1) % 4]
+            index += 2
+            yield Batch(latents[pick], {"cross_attn": conditioning[pick]})
+
+    return latents, conditioning, batches
+
+
+def denoiser_for(unet: UNet2DConditionModel):
+    return lambda x, t, cond: unet(x, t, encoder_hidden_states=cond["cross_attn"]).sample
+
+
+RULE = DDPMRule(DDPMScheduler(num_train_timesteps=1000).alphas_cumprod)
+
+
+@torch.no_grad()
+def eval_loss(unet, latents, conditioning) -> float:
+    generator = torch.Generator().manual_seed(123)
+    noise = torch.randn(latents.shape, generator=generator)
+    t = torch.tensor([100, 400, 700, 900])
+    abar = RULE.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+    return float((unet(noisy, t, encoder_hidden_states=conditioning).sample - noise).pow(2).mean())
+
+
+def make_trainer(unet, batches, steps: int = 40, **kwargs) -> Trainer:
+    handle = attach(unet, LoRA2Config(targets="attn", init_rank=2, max_rank=16, prior_strength=1e-4))
+    config = TrainConfig(steps=steps, batch_size=2, lr=3e-3, nu_lr=0.1, dtype="float32", seed=0, **kwargs)
+    return Trainer(denoiser_for(unet), RULE, batches(), handle, config)
+
+
+def test_training_a_diffusers_unet_lowers_the_loss_and_moves_ranks() -> None:
+    unet = tiny_unet()
+    latents, conditioning, batches = data()
+    before = eval_loss(unet, latents, conditioning)
+    trainer = make_trainer(unet, batches, steps=60)
+    reports = []
+    trainer.on_step = reports.append
+    result = trainer.run()
+    after = eval_loss(unet, latents, conditioning)
+    assert result.step == 60 and not result.stopped_early
+    assert after < 0.9 * before, (before, after)
+    assert len(result.history.loss) == 60 and len(result.history.ranks[0]) == len(trainer.handle.ranks())
+    assert any(r != 2 for r in trainer.handle.ranks().values())
+    assert [r.step for r in reports] == list(range(1, 61))
+    assert reports[-1].total_rank == sum(trainer.handle.ranks().values())
+    assert reports[-1].adapter_megabytes == pytest.approx(trainer.handle.num_parameters() * 2 / 1e6)
+    assert trainer.handle.ranks_frozen  # the final 20 % ran with ranks frozen
+    assert result.history.ranks[-1] == result.history.ranks[int(60 * 0.8)]
+
+
+def test_cancel_stops_after_the_current_step() -> None:
+    unet = tiny_unet()
+    _, _, batches = data()
+    trainer = make_trainer(unet, batches)
+    trainer.should_stop = lambda: trainer.step >= 5
+    result = trainer.run()
+    assert result.stopped_early and result.step == 5 and len(result.history.loss) == 5
+
+
+def test_resume_continues_exactly_where_it_stopped() -> None:
+    _, _, batches = data()
+    straight = make_trainer(tiny_unet(), batches, steps=20)
+    straight.run()
+
+    first = make_trainer(tiny_unet(), batches, steps=20)
+    first.should_stop = lambda: first.step >= 8
+    first.run()
+    saved_handle = first.handle.state_dict()
+    saved_optimizer = copy.deepcopy(first.optimizer.state_dict())
+    saved_generator = first.generator.get_state()
+    saved_history = History.from_dict(first.history.to_dict())
+
+    unet = tiny_unet()
+    # the data stream restarts where it was: batches are a pure function of the step here
+    stream = batches()
+    for _ in range(8):
+        next(stream)
+    second = make_trainer(unet, lambda: stream, steps=20)
+    second.handle.load_state_dict(saved_handle)
+    second.resume(8, saved_optimizer, saved_history, saved_generator)
+    result = second.run()
+    assert result.step == 20 and second.history.loss[:8] == first.history.loss
+    assert second.handle.ranks() == straight.handle.ranks()
+    torch.testing.assert_close(torch.tensor(second.history.loss), torch.tensor(straight.history.loss))
+    for name in straight.handle.ranks():
+        torch.testing.assert_close(second.handle.delta(name), straight.handle.delta(name), atol=1e-6, rtol=1e-5)
+    with pytest.raises(LoRA2Error, match="already did 20 steps"):
+        second.resume(20, None, saved_history, saved_generator)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    unet = tiny_unet()
+    blocks = find_blocks(unet)
+    kinds = sorted({type(b).__name__ for b in blocks})
+    assert kinds == ["BasicTransformerBlock", "ResnetBlock2D"] and len(blocks) == 12
+    handle = attach(unet, targets="attn", init_rank=3)
+    with torch.no_grad():
+        for c in handle.components.values():
+            c.up.normal_(0, 0.1)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    cond = torch.randn(2, 5, 16)
+
+    def grads():
+        unet(x, t, encoder_hidden_states=cond).sample.pow(2).mean().backward()
+        out = [p.grad.clone() for p in handle.parameters() if p.grad is not None]
+        for p in handle.parameters():
+            p.grad = None
+        return out
+
+    plain = grads()
+    with checkpointed(blocks):
+        recomputed = grads()
+    assert len(plain) == len(recomputed) > 0
+    for a, b in zip(plain, recomputed, strict=True):
+        torch.testing.assert_close(a, b)
+    assert all("forward" not in vars(b) for b in blocks)
+
+
+def test_bfloat16_autocast_and_checkpointing_run() -> None:
+    unet = tiny_unet()
+    _, _, batches = data()
+    trainer = make_trainer(unet, batches, steps=3, gradient_checkpointing=True)
+    trainer.config.dtype = "bfloat16"
+    trainer.checkpoint_modules = find_blocks(unet)
+    result = trainer.run()
+    assert result.step == 3 and all(torch.isfinite(torch.tensor(result.history.loss)))
+
+
+def test_save_every_calls_back() -> None:
+    unet = tiny_unet()
+    _, _, batches = data()
+    saved = []
+    trainer = make_trainer(unet, batches, steps=7, save_every=3)
+    trainer.on_checkpoint = lambda step, _: saved.append(step)
+    trainer.run()
+    assert saved == [3, 6]
+
+
+def test_optimizers() -> None:
+    param = torch.nn.Parameter(torch.zeros(2))
+    assert {"adamw", "adam", "sgd"} <= set(available_optimizers())
+    for name in ("adamw", "adam", "sgd"):
+        assert isinstance(make_optimizer(name, [{"params": [param], "lr": 0.1}]), torch.optim.Optimizer)
+    with pytest.raises(LoRA2Error, match="not available"):
+        make_optimizer("lion", [{"params": [param], "lr": 0.1}])
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [({"steps": 0}, "steps"), ({"lr": 0.0}, "learning rates"), ({"dtype": "int8"}, "training dtype")],
+)
+def test_train_config_validation(fields: dict, message: str) -> None:
+    with pytest.raises(LoRA2Error, match=message):
+        TrainConfig(**fields)
