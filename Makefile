@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo bench test lint clean
+.PHONY: setup host demo bench test lint clean
 
 setup: $(VENV)/.installed
 
@@ -21,7 +21,11 @@ demo: bench
 bench: setup
 	$(BIN)/python -m comfyui_lora2.bench.rank_recovery --true-ranks 1,2,4,8,16,32 --dim 256 --seed 0
 
-test: setup
+# The pinned ComfyUI host (.host/) for the tests; the script keeps its own stamp and returns at once when current.
+host: setup
+	bash scripts/install_host.sh
+
+test: host
 	$(BIN)/python -m pytest
 
 lint: setup

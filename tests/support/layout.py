@@ -1,0 +1,76 @@
+"""Where the pinned ComfyUI host lives and how a ComfyUI base directory is laid out.
+
+`scripts/install_host.sh` installs the host tree into ``.host/ComfyUI``; the in-process harness and
+the real-server helper both need the same facts (the tree, the torchvision stub, a base directory
+whose ``custom_nodes`` holds our pack), so they live here once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+COMFY_DIR = REPO_ROOT / ".host" / "ComfyUI"
+STUBS_DIR = Path(__file__).resolve().parent / "stubs"
+PACK_LINK_NAME = "ComfyUI-LoRA2"
+MODEL_FOLDERS = ("checkpoints", "diffusion_models", "loras", "vae", "text_encoders", "clip")
+BASE_FOLDERS = ("input", "output", "temp", "user")
+MISSING_HOST_REASON = f"ComfyUI host not installed at {COMFY_DIR} (run `make host` or `bash scripts/install_host.sh`)"
+
+
+def host_available() -> bool:
+    """True when the pinned ComfyUI tree is installed, so tests can skip with a reason otherwise."""
+    return (COMFY_DIR / "main.py").is_file() and (COMFY_DIR / "nodes.py").is_file()
+
+
+def make_base(base_dir: str | os.PathLike[str]) -> Path:
+    """Create a ComfyUI base directory (``--base-directory``) with our pack linked into ``custom_nodes``.
+
+    ComfyUI lists ``custom_nodes`` through ``realpath``, so a symlink to the checkout loads the working
+    tree as a user's install would. Idempotent: an existing layout is kept.
+    """
+    base = Path(base_dir).resolve()
+    for name in MODEL_FOLDERS:
+        (base / "models" / name).mkdir(parents=True, exist_ok=True)
+    for name in BASE_FOLDERS:
+        (base / name).mkdir(parents=True, exist_ok=True)
+    custom_nodes = base / "custom_nodes"
+    custom_nodes.mkdir(parents=True, exist_ok=True)
+    link = custom_nodes / PACK_LINK_NAME
+    if link.is_symlink() and link.resolve() != REPO_ROOT:
+        link.unlink()
+    if not link.is_symlink():
+        link.symlink_to(REPO_ROOT, target_is_directory=True)
+    return base
+
+
+def hide_torchvision_stub() -> list[str]:
+    """Make the torchvision stub invisible once ComfyUI's module-level imports have bound it.
+
+    While the stub is importable, ``transformers`` reports torchvision as available (it only asks
+    ``importlib.util.find_spec``) and its image processors then fail to import. ComfyUI keeps the
+    references it already holds; only code that imports torchvision later sees it missing, as on a
+    machine without it. Returns the module names dropped; a real torchvision is left alone.
+    """
+    stub = str(STUBS_DIR)
+    while stub in sys.path:
+        sys.path.remove(stub)
+    dropped = []
+    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+        if str(getattr(sys.modules[name], "__file__", "") or "").startswith(stub):
+            del sys.modules[name]
+            dropped.append(name)
+    forget_cached_torchvision_checks()
+    return dropped
+
+
+def forget_cached_torchvision_checks() -> None:
+    """Clear ``transformers``' cached ``is_torchvision_available()`` (an ``lru_cache`` filled at start-up)."""
+    import_utils = sys.modules.get("transformers.utils.import_utils")
+    for name in dir(import_utils) if import_utils is not None else ():
+        if "torchvision" in name:
+            clear = getattr(getattr(import_utils, name), "cache_clear", None)
+            if callable(clear):
+                clear()

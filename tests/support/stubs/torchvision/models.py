@@ -1,0 +1,7 @@
+"""``torchvision.models`` stand-in: every attribute is a callable raising NotImplementedError."""
+
+from __future__ import annotations
+
+from ._stub import module_getattr
+
+__getattr__ = module_getattr(__name__)

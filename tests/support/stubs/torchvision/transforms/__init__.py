@@ -1,0 +1,9 @@
+"""``torchvision.transforms`` stand-in: every attribute is a callable raising NotImplementedError."""
+
+from __future__ import annotations
+
+from .._stub import module_getattr
+from . import functional
+
+__getattr__ = module_getattr(__name__)
+__all__ = ["functional"]
