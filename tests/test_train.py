@@ -81,6 +81,7 @@ def test_training_a_diffusers_unet_lowers_the_loss_and_moves_ranks() -> None:
     latents, conditioning, batches = data()
     before = eval_loss(unet, latents, conditioning)
     trainer = make_trainer(unet, batches, steps=60)
+    trainer.eval_batch = Batch(latents, {"cross_attn": conditioning})
     reports = []
     trainer.on_step = reports.append
     result = trainer.run()
@@ -94,6 +95,8 @@ def test_training_a_diffusers_unet_lowers_the_loss_and_moves_ranks() -> None:
     assert reports[-1].adapter_megabytes == pytest.approx(trainer.handle.num_parameters() * 2 / 1e6)
     assert trainer.handle.ranks_frozen  # the final 20 % ran with ranks frozen
     assert result.history.ranks[-1] == result.history.ranks[int(60 * 0.8)]
+    assert result.history.eval_steps == [0, 6, 12, 18, 24, 30, 36, 42, 48, 54, 60]
+    assert result.history.eval_loss[-1] < 0.95 * result.history.eval_loss[0]
 
 
 def test_cancel_stops_after_the_current_step() -> None:

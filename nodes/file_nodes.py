@@ -1,0 +1,83 @@
+"""LoRA² Save / LoRA² Load: adapters to and from models/loras, safetensors only."""
+
+from __future__ import annotations
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..lora2.lora_file import load_adapter, save_adapter
+from . import host
+from .types import CATEGORY, Adapter
+
+
+class LoRA2Save(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoRA2Save",
+            display_name="LoRA² Save",
+            category=CATEGORY,
+            description="Saves an adapter to models/loras as a standard LoRA file that any LoRA loader reads "
+            "(and, optionally, the training state to resume from).",
+            is_output_node=True,
+            inputs=[
+                Adapter.Input("adapter", tooltip="The adapter to save."),
+                io.String.Input(
+                    "filename",
+                    default="lora2/my_subject",
+                    tooltip="Name under models/loras (sub-folders allowed); unsafe characters are replaced.",
+                ),
+                io.Boolean.Input(
+                    "save_training_state",
+                    default=True,
+                    tooltip="Also write <name>.lora2state (optimizer and rank state) so LoRA² Train can resume.",
+                ),
+                io.Model.Input(
+                    "model",
+                    optional=True,
+                    tooltip="The model it was trained on: used to write diffusers-style key names for UNets.",
+                ),
+            ],
+            outputs=[io.String.Output("path", tooltip="Where the file was written.")],
+        )
+
+    @classmethod
+    def execute(cls, adapter, filename: str, save_training_state: bool, model=None) -> io.NodeOutput:
+        path = host.safe_lora_path(filename)
+        to_save = adapter if save_training_state else _without_resume(adapter)
+        if model is not None:
+            save_adapter(path, to_save, host.kohya_key_for(model))
+        else:
+            save_adapter(path, to_save)
+        host.log.info("LoRA² saved %s (%d components, %.2f MB)", path, len(adapter.components), adapter.megabytes())
+        return io.NodeOutput(str(path), ui={"text": [str(path)]})
+
+
+def _without_resume(adapter):
+    from dataclasses import replace
+
+    return replace(adapter, resume=None)
+
+
+class LoRA2Load(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoRA2Load",
+            display_name="LoRA² Load",
+            category=CATEGORY,
+            description="Loads a LoRA file from models/loras as a LoRA² adapter (LoRA² files keep their ranks, "
+            "ν and history; other LoRAs load with the ranks of their tensors).",
+            inputs=[
+                io.Combo.Input(
+                    "lora_name",
+                    options=folder_paths.get_filename_list("loras"),
+                    tooltip="A .safetensors file in models/loras.",
+                ),
+            ],
+            outputs=[Adapter.Output("adapter", tooltip="The loaded adapter.")],
+        )
+
+    @classmethod
+    def execute(cls, lora_name: str) -> io.NodeOutput:
+        return io.NodeOutput(load_adapter(host.lora_file(lora_name)))

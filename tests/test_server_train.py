@@ -1,0 +1,141 @@
+"""The training graph through the REAL ComfyUI server: POST /prompt, websocket, history, outputs.
+
+The server loads its model with the stock ``UNETLoader`` (so the weights are inference tensors, as in
+real use), encodes a small dataset, trains a few steps, saves the adapter, and samples with it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from support.comfy_server import ComfyServer
+from support.layout import MISSING_HOST_REASON, host_available
+
+pytest_plugins = ["support.fixtures"]
+pytestmark = pytest.mark.skipif(not host_available(), reason=MISSING_HOST_REASON)
+
+
+def write_subject(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(3):
+        pixels = (torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(index)) * 255).to(torch.uint8)
+        Image.fromarray(pixels.numpy()).save(folder / f"{index}.png")
+
+
+def test_training_graph_runs_on_the_real_server(comfy_server: ComfyServer, comfy_host) -> None:
+    # comfy_host: the in-process host makes ComfyUI importable here, to write the tiny model files
+    from support.tiny_models import write_tiny_taesd, write_tiny_unet
+
+    base = comfy_server.base_dir
+    write_tiny_unet(base / "models" / "diffusion_models" / "tiny_sd20.safetensors", "sd20")
+    write_tiny_taesd(base / "models" / "vae" / "tiny_taesd.safetensors")
+    write_subject(base / "input" / "subject")
+    info = comfy_server.object_info()
+    assert {"LoRA2Dataset", "LoRA2Train", "LoRA2Apply", "LoRA2Save", "LoRA2Load"} <= set(info)
+    assert info["LoRA2Train"]["category"] == "LoRA²"
+    assert info["LoRA2Train"]["output"] == ["MODEL", "LORA2_ADAPTER", "LORA2_HISTORY"]
+
+    prompt = {
+        "unet": {
+            "class_type": "UNETLoader",
+            "inputs": {"unet_name": "tiny_sd20.safetensors", "weight_dtype": "default"},
+        },
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "tiny_taesd.safetensors"}},
+        "cond": {"class_type": "LotusConditioning", "inputs": {}},
+        "dataset": {
+            "class_type": "LoRA2Dataset",
+            "inputs": {
+                "folder": "subject",
+                "vae": ["vae", 0],
+                "conditioning": ["cond", 0],
+                "caption_template": "a photo of {trigger}",
+                "trigger": "sks",
+                "resolution": 64,
+                "bucketing": True,
+                "flip": False,
+                "random_crop": False,
+                "color_jitter": False,
+                "variants": 1,
+                "seed": 0,
+                "cache_on_disk": True,
+            },
+        },
+        "train": {
+            "class_type": "LoRA2Train",
+            "inputs": {
+                "model": ["unet", 0],
+                "dataset": ["dataset", 0],
+                "steps": 3,
+                "batch_size": 1,
+                "learning_rate": 1e-3,
+                "rank_learning_rate": 0.05,
+                "optimizer": "adamw",
+                "init_rank": 4,
+                "max_rank": 8,
+                "targets": "attn",
+                "custom_targets": "",
+                "importance_mass": 0.85,
+                "prior_strength": 1e-4,
+                "seed": 0,
+                "training_dtype": "float32",
+                "gradient_checkpointing": True,
+                "save_every": 0,
+                "checkpoint_name": "lora2/server",
+                "resume": "none",
+            },
+        },
+        "save": {
+            "class_type": "LoRA2Save",
+            "inputs": {
+                "adapter": ["train", 1],
+                "filename": "lora2/server_run",
+                "save_training_state": True,
+                "model": ["unet", 0],
+            },
+        },
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "sample": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["train", 0],
+                "seed": 0,
+                "steps": 2,
+                "cfg": 1.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "positive": ["cond", 0],
+                "negative": ["cond", 0],
+                "latent_image": ["latent", 0],
+                "denoise": 1.0,
+            },
+        },
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["vae", 0]}},
+        "preview": {"class_type": "PreviewImage", "inputs": {"images": ["decode", 0]}},
+    }
+    run = comfy_server.run(json.loads(json.dumps(prompt)), timeout=240)
+
+    types = run.event_types()
+    assert types.index("execution_start") < types.index("execution_success"), types
+    assert run.history["status"]["status_str"] == "success", comfy_server.log_tail()
+    train_progress = [e["data"] for e in run.events if e["type"] == "progress" and e["data"].get("node") == "train"]
+    assert train_progress and train_progress[-1]["value"] == 3 and train_progress[-1]["max"] == 3
+    saved = base / "models" / "loras" / "lora2" / "server_run.safetensors"
+    assert saved.is_file() and saved.with_suffix(".lora2state").is_file()
+    assert run.outputs()["save"]["text"] == [str(saved.resolve())]
+    (image,) = run.images()
+    png = Image.open(io.BytesIO(comfy_server.view(**image)))
+    assert png.size == (64, 64)
+    # the saved file is a kohya-style LoRA with diffusers-derived names for this UNet
+    from safetensors import safe_open
+
+    with safe_open(str(saved), framework="pt") as handle:
+        keys = list(handle.keys())
+        metadata = handle.metadata()
+    assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.") for k in keys)
+    assert all(k.endswith((".lora_up.weight", ".lora_down.weight", ".alpha")) for k in keys)
+    assert metadata["ss_network_dim"] == "Dynamic" and json.loads(metadata["lora2"])["ranks"]
