@@ -2,10 +2,16 @@
 
 The weights file is an ordinary LoRA that every loader reads: per component
 ``<key>.lora_down.weight`` ``[r, in(, kh, kw)]``, ``<key>.lora_up.weight`` ``[out, r(, 1, 1)]`` and an
-explicit ``<key>.alpha = r`` (scale ``alpha / r = 1``; loaders that miss ``alpha`` would otherwise use
-scale 1 by accident, or not, depending on the tool). Importance is already folded into the factors
-(see :mod:`lora2.adapter`). The ``ss_*`` metadata follows kohya's trainer (``ss_network_dim`` is
-``Dynamic`` because every component has its own rank); the ``lora2`` entry is JSON with the ranks, ν,
+explicit ``<key>.alpha``. Importance is already folded into the factors (see :mod:`lora2.adapter`).
+
+Why ``alpha = 1`` for every component (scale ``1/r``, with ``√r`` folded into each factor) rather than
+``alpha = r``: loaders that turn per-module ranks into one config (diffusers/PEFT: the most common rank
+and alpha, plus per-module patterns) honour the rank pattern but not always the alpha pattern, which
+silently rescales every component whose rank is not the most common one. One alpha for all modules
+leaves nothing to get wrong, and every loader then computes exactly ``ΔW = up @ down``.
+
+The ``ss_*`` metadata follows kohya's trainer (``ss_network_dim`` is ``Dynamic`` because every
+component has its own rank); the ``lora2`` entry is JSON with the ranks, ν,
 config, module names and rank history, so a heatmap can be redrawn from the file alone.
 
 Training state for resume goes to a separate file (``<name>.lora2state``, safetensors inside): extra
@@ -31,13 +37,27 @@ from safetensors.torch import save_file
 from .adapter import Adapter, Component, ResumeState
 from .config import LoRA2Config
 from .errors import LoRA2Error
+from .lora_formats import fold_scale, parse_lora
 
 FORMAT_VERSION = 1
+FILE_ALPHA = 1.0
+"""The ``.alpha`` written for every component (see the module docstring)."""
 STATE_SUFFIX = ".lora2state"
 
 
+FOREIGN_PREFIXES = ("lora_", "lycoris_", "diffusion_model.", "unet.", "transformer.", "text_encoder", "base_model.")
+"""Component names that are already LoRA key prefixes (read from another tool's file): kept as they are,
+so a pruned or re-saved foreign LoRA stays readable by whatever read it before."""
+
+
+def is_foreign_key(name: str) -> bool:
+    return name.startswith(FOREIGN_PREFIXES)
+
+
 def default_key(module_name: str) -> str:
-    """kohya's naming: ``lora_unet_`` + the module path with dots as underscores."""
+    """kohya's naming, ``lora_unet_`` + the module path with dots as underscores (foreign keys kept)."""
+    if is_foreign_key(module_name):
+        return module_name
     return "lora_unet_" + module_name.replace(".", "_")
 
 
@@ -56,6 +76,16 @@ def write_safetensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metad
         raise
 
 
+def file_factors(component: Component) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(up, down, alpha)`` as written to files (alpha = 1, so scale 1/r and √r in each factor).
+
+    LoRA² Apply patches models with exactly these, so that it and a stock loader reading the file
+    compute the same numbers, not just the same ΔW.
+    """
+    root = float(component.rank) ** 0.5
+    return component.up * root, component.down * root, FILE_ALPHA
+
+
 def adapter_tensors(
     adapter: Adapter, key_for: Callable[[str], str] = default_key, dtype: torch.dtype = torch.float16
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -67,9 +97,10 @@ def adapter_tensors(
         if key in keys.values():
             raise LoRA2Error(f"two components map to the LoRA key {key!r}; the key mapping is not one-to-one")
         keys[name] = key
-        tensors[f"{key}.lora_up.weight"] = component.up.to(dtype)
-        tensors[f"{key}.lora_down.weight"] = component.down.to(dtype)
-        tensors[f"{key}.alpha"] = torch.tensor(float(component.rank), dtype=dtype)
+        up, down, alpha = file_factors(component)
+        tensors[f"{key}.lora_up.weight"] = up.to(dtype)
+        tensors[f"{key}.lora_down.weight"] = down.to(dtype)
+        tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=dtype)
     info = {
         "version": FORMAT_VERSION,
         "ranks": {keys[n]: c.rank for n, c in adapter.components.items()},
@@ -84,7 +115,7 @@ def adapter_tensors(
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": "Dynamic",
-        "ss_network_alpha": "Dynamic",
+        "ss_network_alpha": str(FILE_ALPHA),
         "ss_base_model_version": adapter.base_model,
         "ss_steps": str(adapter.steps),
         "ss_training_comment": "LoRA² adaptive-rank LoRA (ComfyUI-LoRA²)",
@@ -94,9 +125,11 @@ def adapter_tensors(
     return tensors, metadata
 
 
-def save_adapter(path: Path, adapter: Adapter, key_for: Callable[[str], str] = default_key) -> None:
+def save_adapter(
+    path: Path, adapter: Adapter, key_for: Callable[[str], str] = default_key, dtype: torch.dtype = torch.float16
+) -> None:
     """Write ``adapter`` as a standard LoRA file (and its resume state beside it, when it has one)."""
-    tensors, metadata = adapter_tensors(adapter, key_for)
+    tensors, metadata = adapter_tensors(adapter, key_for, dtype)
     write_safetensors_atomic(Path(path), tensors, metadata)
     if adapter.resume is not None:
         save_resume_state(state_path(path), adapter.resume)
@@ -122,25 +155,24 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 
 def load_adapter(path: Path, with_resume: bool = True) -> Adapter:
-    """Read a LoRA file written by :func:`save_adapter` (or any kohya-style LoRA with up/down keys)."""
+    """Read a LoRA file: ours (ranks, ν, config, history come back) or any layout :mod:`lora_formats` knows.
+
+    Components of LoRA² files get their module names back; other files keep their key prefixes as
+    names (``lora_unet_...``, ``diffusion_model....``, ``unet....``), which the nodes map onto a model
+    with ComfyUI's own key map.
+    """
     tensors, metadata = read_safetensors(Path(path))
     info = json.loads(metadata["lora2"]) if "lora2" in metadata else {}
     modules: dict[str, str] = info.get("modules", {})
     nus: dict[str, float] = info.get("nu", {})
+    parsed = parse_lora(tensors, f"'{path}'")
     components = {}
-    for key in sorted(k[: -len(".lora_up.weight")] for k in tensors if k.endswith(".lora_up.weight")):
-        up, down = tensors[f"{key}.lora_up.weight"].float(), tensors.get(f"{key}.lora_down.weight")
-        if down is None:
-            raise LoRA2Error(f"'{path}': {key}.lora_up.weight has no matching lora_down.weight")
-        down = down.float()
-        alpha = tensors.get(f"{key}.alpha")
-        scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
-        if scale != 1.0:  # fold kohya's alpha/rank scale so that every Component means ΔW = up @ down
-            root = abs(scale) ** 0.5
-            up, down = up * root * (1 if scale > 0 else -1), down * root
+    for key, (up, down, scale) in parsed.pairs.items():
+        up, down = fold_scale(up, down, scale)
         components[modules.get(key, key)] = Component(up=up, down=down, nu=nus.get(key))
-    if not components:
-        raise LoRA2Error(f"'{path}' holds no LoRA weights (no '<key>.lora_up.weight' / '.lora_down.weight' pairs)")
+    extra = dict(info.get("extra", {}))
+    if parsed.ignored:
+        extra["ignored_keys"] = parsed.ignored
     config = LoRA2Config.from_dict(info["config"]) if info.get("config") else None
     adapter = Adapter(
         components=components,
@@ -148,8 +180,8 @@ def load_adapter(path: Path, with_resume: bool = True) -> Adapter:
         steps=int(metadata.get("ss_steps", "0") or 0),
         config=config,
         history=info.get("history"),
-        source=info.get("source", "kohya"),
-        extra=info.get("extra", {}),
+        source=info.get("source", parsed.format),
+        extra=extra,
     )
     if with_resume and state_path(path).exists():
         adapter.resume = load_resume_state(state_path(path))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import folder_paths
+import torch
 from comfy_api.latest import io
 
-from ..lora2.lora_file import load_adapter, save_adapter
+from ..lora2.lora_file import default_key, load_adapter, save_adapter
 from . import host
 from .types import CATEGORY, Adapter
+
+PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 class LoRA2Save(io.ComfyNode):
@@ -32,6 +35,13 @@ class LoRA2Save(io.ComfyNode):
                     default=True,
                     tooltip="Also write <name>.lora2state (optimizer and rank state) so LoRA² Train can resume.",
                 ),
+                io.Combo.Input(
+                    "precision",
+                    options=list(PRECISIONS),
+                    default="float16",
+                    tooltip="Number format of the factors: float16 (half the size, what most LoRAs use), "
+                    "bfloat16, or float32 (exact).",
+                ),
                 io.Model.Input(
                     "model",
                     optional=True,
@@ -42,13 +52,13 @@ class LoRA2Save(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, adapter, filename: str, save_training_state: bool, model=None) -> io.NodeOutput:
+    def execute(
+        cls, adapter, filename: str, save_training_state: bool, precision: str = "float16", model=None
+    ) -> io.NodeOutput:
         path = host.safe_lora_path(filename)
         to_save = adapter if save_training_state else _without_resume(adapter)
-        if model is not None:
-            save_adapter(path, to_save, host.kohya_key_for(model))
-        else:
-            save_adapter(path, to_save)
+        key_for = host.kohya_key_for(model) if model is not None else default_key
+        save_adapter(path, to_save, key_for, PRECISIONS[precision])
         host.log.info("LoRA² saved %s (%d components, %.2f MB)", path, len(adapter.components), adapter.megabytes())
         return io.NodeOutput(str(path), ui={"text": [str(path)]})
 

@@ -25,6 +25,7 @@ from comfy.weight_adapter.lora import LoRAAdapter
 
 from ..lora2.adapter import Adapter
 from ..lora2.errors import LoRA2Error
+from ..lora2.lora_file import file_factors, is_foreign_key
 from ..lora2.noise import DenoisedRule
 
 log = logging.getLogger("LoRA²")
@@ -214,26 +215,52 @@ def weight_key(component: str) -> str:
     return f"diffusion_model.{component}.weight"
 
 
+TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te1_", "te2_", "lora_te1", "lora_te2", "clip_")
+
+
+def patch_targets(model, names) -> tuple[dict[str, object], list[str]]:
+    """Where each component goes in ``model``: our module names directly, any other spelling (kohya,
+    diffusers, PEFT, ComfyUI-native) through ComfyUI's own LoRA key map. Returns targets and leftovers."""
+    weights = set(base_model(model).state_dict())
+    key_map = None
+    targets, unresolved = {}, []
+    for name in names:
+        if weight_key(name) in weights:
+            targets[name] = weight_key(name)
+            continue
+        key_map = key_map if key_map is not None else lora_key_map(model)
+        if name in key_map:
+            targets[name] = key_map[name]
+        else:
+            unresolved.append(name)
+    return targets, unresolved
+
+
 def apply_adapter(model, adapter: Adapter, strength: float):
     """A clone of ``model`` with the adapter as LoRA patches (merged into the weights when loaded).
 
-    The patches are the same ``LoRAAdapter`` objects ComfyUI's own LoRA loader builds (with
-    ``alpha = rank``), so LoRA² Apply and the stock loader change a model identically.
+    The patches are the same ``LoRAAdapter`` objects ComfyUI's own LoRA loader builds from a file
+    LoRA² Save writes (same factors, same alpha), so Apply and the stock loader change a model identically. Text-encoder
+    components of foreign files are skipped: this applies to the MODEL only.
     """
     clone = model.clone()
     if strength == 0.0 or not adapter.components:
         return clone
-    patches = {
-        weight_key(name): LoRAAdapter(set(), (c.up, c.down, float(c.rank), None, None, None))
-        for name, c in adapter.components.items()
-    }
-    applied = clone.add_patches(patches, strength)
-    missing = sorted(set(patches) - set(applied))
-    if missing:
+    targets, unresolved = patch_targets(model, adapter.components)
+    text = [n for n in unresolved if n.startswith(TEXT_ENCODER_PREFIXES)]
+    unknown = [n for n in unresolved if n not in text]
+    if text:
+        log.info("LoRA² Apply: skipping %d text-encoder components (the MODEL is adapted only)", len(text))
+    if unknown:
         raise LoRA2Error(
-            f"{len(missing)} adapter components have no weight in this model (first: {missing[0]}); "
-            f"the adapter was trained on {adapter.base_model}, this model is {model_family(model)}"
+            f"{len(unknown)} adapter components match no weight of this model (first: {unknown[0]}); "
+            f"the adapter was made for {adapter.base_model}, this model is {model_family(model)}"
         )
+    patches = {}
+    for name, target in targets.items():
+        up, down, alpha = file_factors(adapter.components[name])
+        patches[target] = LoRAAdapter(set(), (up, down, alpha, None, None, None))
+    clone.add_patches(patches, strength)
     return clone
 
 
@@ -245,6 +272,8 @@ def kohya_key_for(model) -> Callable[[str], str]:
     by_module = {v[: -len(".weight")]: k[: -len(".weight")] for k, v in diffusers.items() if k.endswith(".weight")}
 
     def key_for(component: str) -> str:
+        if is_foreign_key(component):
+            return component
         name = by_module.get(component, component)
         return "lora_unet_" + name.replace(".", "_")
 

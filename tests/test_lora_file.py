@@ -57,7 +57,11 @@ def test_file_round_trip_and_kohya_layout(tmp_path) -> None:
         key = "lora_unet_" + name.replace(".", "_")
         assert tensors[f"{key}.lora_down.weight"].shape == component.down.shape
         assert tensors[f"{key}.lora_up.weight"].dtype == torch.float16
-        assert float(tensors[f"{key}.alpha"]) == component.rank
+        assert float(tensors[f"{key}.alpha"]) == 1.0  # scale 1/r; the factors carry √r
+        written = tensors[f"{key}.lora_up.weight"].float().flatten(1) @ tensors[
+            f"{key}.lora_down.weight"
+        ].float().flatten(1)
+        torch.testing.assert_close(written / component.rank, component.delta().flatten(1), atol=2e-3, rtol=2e-2)
     assert metadata["ss_network_dim"] == "Dynamic" and metadata["ss_base_model_version"] == "SD15"
     info = json.loads(metadata["lora2"])
     assert info["ranks"] == {"lora_unet_" + n.replace(".", "_"): r for n, r in adapter.ranks().items()}

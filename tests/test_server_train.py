@@ -95,6 +95,7 @@ def test_training_graph_runs_on_the_real_server(comfy_server: ComfyServer, comfy
                 "adapter": ["train", 1],
                 "filename": "lora2/server_run",
                 "save_training_state": True,
+                "precision": "float16",
                 "model": ["unet", 0],
             },
         },

@@ -20,7 +20,7 @@ import torch
 from .tiny_models import FAMILIES, tiny_vae
 
 CATEGORY = "_tests"
-OBJECT_TYPES = ("MODEL", "VAE", "CLIP", "CONDITIONING", "LATENT", "IMAGE", "MASK")
+OBJECT_TYPES = ("MODEL", "VAE", "CLIP", "CONDITIONING", "LATENT", "IMAGE", "MASK", "LORA2_ADAPTER", "LORA2_HISTORY")
 OBJECTS: dict[str, Any] = {}
 CAPTURED: dict[str, Any] = {}
 

@@ -1,0 +1,80 @@
+"""Read the LoRA tensor layouts in circulation into (up, down, scale) per adapted weight.
+
+One table of key suffixes covers the formats ComfyUI, kohya, A1111, diffusers and PEFT write:
+``.lora_up/.lora_down`` (kohya, ComfyUI-native ``diffusion_model.*``), ``.lora_B/.lora_A`` (PEFT and
+diffusers), ``.lora.up/.lora.down`` and ``_lora.up/_lora.down`` (older diffusers attention
+processors), ``.lora_linear_layer.up/.down`` (transformers-style) and ``.lora_B.default`` (PEFT with a
+named adapter). ``<key>.alpha`` gives kohya's scale ``alpha / rank``; without it the scale is 1, which
+is what ComfyUI and diffusers assume too. Formats whose ΔW is not ``up @ down`` (LoCon's Tucker
+``lora_mid``, DoRA's ``dora_scale``) are refused by name rather than read wrongly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import LoRA2Error
+
+SUFFIXES: tuple[tuple[str, str, str], ...] = (
+    ("kohya", ".lora_up.weight", ".lora_down.weight"),
+    ("peft", ".lora_B.weight", ".lora_A.weight"),
+    ("peft", ".lora_B.default.weight", ".lora_A.default.weight"),
+    ("diffusers", ".lora.up.weight", ".lora.down.weight"),
+    ("diffusers", "_lora.up.weight", "_lora.down.weight"),
+    ("transformers", ".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"),
+    ("peft", ".lora_B", ".lora_A"),
+)
+"""(format, up suffix, down suffix), most specific first."""
+UNSUPPORTED = {".lora_mid.weight": "LoCon/Tucker 'lora_mid'", ".dora_scale": "DoRA 'dora_scale'"}
+
+
+@dataclass
+class ParsedLoRA:
+    """What a LoRA state dict holds: per key prefix ``(up, down, scale)``, its format, and leftovers."""
+
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    format: str
+    ignored: list[str] = field(default_factory=list)
+
+
+def parse_lora(tensors: dict[str, torch.Tensor], source: str = "this file") -> ParsedLoRA:
+    """Pair every up/down tensor by its key prefix; ``source`` names the file in error messages."""
+    for suffix, what in UNSUPPORTED.items():
+        bad = next((k for k in tensors if k.endswith(suffix)), None)
+        if bad is not None:
+            raise LoRA2Error(f"{source} uses {what} ({bad}); only plain LoRA (up @ down) can be read")
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    used: set[str] = set()
+    formats: list[str] = []
+    for name, up_suffix, down_suffix in SUFFIXES:
+        for key in sorted(tensors):
+            if key in used or not key.endswith(up_suffix):
+                continue
+            prefix = key[: -len(up_suffix)]
+            down_key = prefix + down_suffix
+            if down_key not in tensors:
+                raise LoRA2Error(f"{source}: {key} has no matching {down_key}")
+            up, down = tensors[key].float(), tensors[down_key].float()
+            if up.shape[1] != down.shape[0]:
+                raise LoRA2Error(f"{source}: {key} {tuple(up.shape)} and {down_key} {tuple(down.shape)} do not chain")
+            alpha_key = prefix + ".alpha"
+            scale = float(tensors[alpha_key]) / down.shape[0] if alpha_key in tensors else 1.0
+            used.update({key, down_key, alpha_key})
+            pairs[prefix] = (up, down, scale)
+            formats.append(name)
+    if not pairs:
+        raise LoRA2Error(f"{source} holds no LoRA weights (no up/down pairs such as '<key>.lora_up.weight')")
+    kind = max(set(formats), key=formats.count)
+    if kind == "kohya" and any(k.startswith("diffusion_model.") for k in pairs):
+        kind = "comfyui"
+    return ParsedLoRA(pairs, kind, sorted(set(tensors) - used))
+
+
+def fold_scale(up: torch.Tensor, down: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move ``scale`` into the factors (√ on each side) so that ``ΔW = up @ down`` exactly."""
+    if scale == 1.0:
+        return up, down
+    root = abs(scale) ** 0.5
+    return up * (root if scale > 0 else -root), down * root
