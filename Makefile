@@ -4,19 +4,23 @@ VENV := .venv
 BIN := $(VENV)/bin
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup host demo bench test lint clean
+.PHONY: setup host demo serve bench test lint clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
-demo: bench
+# The README's first command: the tiny default model, a generated subject, workflow 1 through the real server.
+demo: host
+	$(BIN)/python demo/run_demo.py
+
+serve: host
+	$(BIN)/python demo/serve.py
 
 bench: setup
 	$(BIN)/python -m comfyui_lora2.bench.rank_recovery --true-ranks 1,2,4,8,16,32 --dim 256 --seed 0

@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from PIL import ImageDraw
+from PIL import Image, ImageDraw
 
 from .errors import LoRA2Error
 from .heatmap_draw import GRIDLINE, INK, MUTED, RGB, Box, draw_text, text_size
@@ -147,3 +147,15 @@ def has_history(history: Any) -> bool:
         return False
     totals, losses = history_series(history)
     return bool(totals or losses)
+
+
+def render_history(history: Any, width: int = 1024, height: int = 360) -> Image.Image:
+    """The loss and total-rank charts on their own (the heatmap's second panel as a picture)."""
+    if not has_history(history):
+        raise LoRA2Error("the history has no recorded steps to draw")
+    image = Image.new("RGB", (width, height), "white")
+    margin = max(12, width // 60)
+    draw_history(
+        ImageDraw.Draw(image), (margin, margin, width - margin, height - margin), history, max(12, width // 80)
+    )
+    return image

@@ -34,7 +34,7 @@ def _schema_inputs() -> list:
         ),
         io.Float.Input(
             "rank_learning_rate",
-            default=1e-2,
+            default=5e-2,
             min=0.0,
             max=1.0,
             step=1e-3,
@@ -62,7 +62,7 @@ def _schema_inputs() -> list:
         ),
         io.Float.Input(
             "prior_strength",
-            default=1e-5,
+            default=1e-4,
             min=0.0,
             max=1.0,
             step=1e-6,

@@ -289,3 +289,14 @@ def test_big_tables_stay_readable_and_empty_tables_render() -> None:
     empty = render_heatmap(build_rank_table(Adapter(components={})), title="nothing", width=512)
     assert empty.size[0] == 512
     assert displayable("LoRA² — λ") == "LoRA2 - lambda"
+
+
+def test_history_chart_on_its_own() -> None:
+    from comfyui_lora2.lora2.heatmap_charts import render_history
+
+    history = {"components": ["a", "b"], "loss": [0.5, 0.4, 0.3, 0.2], "ranks": [[2, 2], [3, 2], [4, 3], [4, 4]]}
+    image = render_history(history, width=800, height=300)
+    assert image.size == (800, 300)
+    assert len(set(image.getdata())) > 10  # lines, ticks and labels were drawn
+    with pytest.raises(LoRA2Error, match="no recorded steps"):
+        render_history({"components": [], "loss": [], "ranks": []})

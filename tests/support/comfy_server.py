@@ -30,7 +30,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -225,14 +225,21 @@ class ComfyServer:
 
     # --- websocket --------------------------------------------------------------------------------
 
-    def run(self, api_prompt: Mapping[str, Any], *, timeout: float = 60.0) -> ServerRun:
+    def run(
+        self,
+        api_prompt: Mapping[str, Any],
+        *,
+        timeout: float = 60.0,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> ServerRun:
         """Connect the websocket, post the prompt, follow it to ``execution_success``, read its history.
 
         Connecting first means no event is missed. Raises ``PromptRejected`` for an invalid prompt and
-        ``ServerExecutionError`` when a node fails or the run is interrupted.
+        ``ServerExecutionError`` when a node fails or the run is interrupted. ``on_event`` sees every
+        text message as it arrives (the demo prints progress with it).
         """
         client_id = uuid.uuid4().hex
-        run = asyncio.run(asyncio.wait_for(self._connect_post_follow(api_prompt, client_id), timeout))
+        run = asyncio.run(asyncio.wait_for(self._connect_post_follow(api_prompt, client_id, on_event), timeout))
         run.history = self.history(run.prompt_id)
         return run
 
@@ -245,13 +252,15 @@ class ComfyServer:
     def _ws_url(self, client_id: str) -> str:
         return f"ws://127.0.0.1:{self.port}/ws?clientId={client_id}"
 
-    async def _connect_post_follow(self, api_prompt: Mapping[str, Any], client_id: str) -> ServerRun:
+    async def _connect_post_follow(
+        self, api_prompt: Mapping[str, Any], client_id: str, on_event: Callable[[dict[str, Any]], None] | None = None
+    ) -> ServerRun:
         import aiohttp  # a host dependency: imported late so collection works without the host
 
         async with aiohttp.ClientSession() as session, session.ws_connect(self._ws_url(client_id)) as ws:
             prompt_id = await asyncio.to_thread(self.post_prompt, api_prompt, client_id)
             run = ServerRun(prompt_id)
-            await _follow(ws, run)
+            await _follow(ws, run, on_event)
             return run
 
     async def _follow_posted(self, prompt_id: str, client_id: str) -> ServerRun:
@@ -269,7 +278,9 @@ class ComfyServer:
             return run
 
 
-async def _follow(ws: aiohttp.ClientWebSocketResponse, run: ServerRun) -> None:
+async def _follow(
+    ws: aiohttp.ClientWebSocketResponse, run: ServerRun, on_event: Callable[[dict[str, Any]], None] | None = None
+) -> None:
     """Read messages until our prompt succeeds; raise on its error, interruption or a closed socket."""
     import aiohttp
 
@@ -281,6 +292,8 @@ async def _follow(ws: aiohttp.ClientWebSocketResponse, run: ServerRun) -> None:
             break
         event = json.loads(message.data)
         run.events.append(event)
+        if on_event is not None:
+            on_event(event)
         data = event.get("data") or {}
         if data.get("prompt_id") != run.prompt_id:
             continue
