@@ -18,6 +18,7 @@ from pathlib import Path
 from comfy.cli_args import args
 
 args.cpu = True  # before comfy.model_management is imported: this writes a file, it needs no device
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # shared tiny-model shapes
 
 import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel  # noqa: E402
 import comfy.ops  # noqa: E402
@@ -25,54 +26,18 @@ import comfy.sd1_clip  # noqa: E402
 import comfy.taesd.taesd  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+from support.tiny_models import REAL_WIDTH_FAMILIES, REAL_WIDTH_ONE_LEVEL, fill_seeded_  # noqa: E402
 
-UNET_CONFIG = {
-    "image_size": 32,
-    "in_channels": 4,
-    "out_channels": 4,
-    "model_channels": 320,
-    "channel_mult": [1],
-    "num_res_blocks": [1],
-    "transformer_depth": [1],
-    "transformer_depth_output": [1, 1],
-    "transformer_depth_middle": 1,
-    "use_spatial_transformer": True,
-    "legacy": False,
-    "adm_in_channels": None,
-    "context_dim": 768,
-    "use_linear_in_transformer": False,
-    "num_heads": 8,
-    "num_head_channels": -1,
-}
-
-
-def seeded(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Fill every parameter from a seeded generator (ComfyUI's ops skip initialisation).
-
-    Matrices get N(0, 1/fan_in) so activations stay O(1); norm scales 1 + N(0, 0.02²); biases N(0, 0.02²).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if param.ndim == 0:
-                continue
-            noise = torch.randn(param.shape, generator=generator)
-            if param.ndim >= 2:
-                value = noise / param[0].numel() ** 0.5
-            elif name.endswith(("weight", "scale")):
-                value = 1.0 + 0.02 * noise
-            else:
-                value = 0.02 * noise
-            param.copy_(value.to(param.dtype))
-    return module
+UNET_CONFIG = {**REAL_WIDTH_ONE_LEVEL, **REAL_WIDTH_FAMILIES["sd15"]}
+"""One level at SD1.x widths: the smallest UNet ComfyUI's detection accepts as SD1.5 (25.8 M parameters)."""
 
 
 def tiny_checkpoint(seed: int = 0) -> dict[str, torch.Tensor]:
     """The checkpoint's state dict, with SD1.5 checkpoint prefixes."""
     ops = comfy.ops.disable_weight_init
-    unet = seeded(openaimodel.UNetModel(**UNET_CONFIG, dtype=torch.float32, operations=ops), seed)
-    clip = seeded(comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32), seed + 1)
-    vae = seeded(comfy.taesd.taesd.TAESD(latent_channels=4), seed + 2)
+    unet = fill_seeded_(openaimodel.UNetModel(**UNET_CONFIG, dtype=torch.float32, operations=ops), seed)
+    clip = fill_seeded_(comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32), seed + 1)
+    vae = fill_seeded_(comfy.taesd.taesd.TAESD(latent_channels=4), seed + 2)
     state: dict[str, torch.Tensor] = {}
     for prefix, module in (("model.diffusion_model.", unet), ("cond_stage_model.", clip), ("first_stage_model.", vae)):
         for key, value in module.state_dict().items():
