@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup host demo serve bench test lint clean
+.PHONY: setup host browser demo serve bench test lint clean
 
 setup: $(VENV)/.installed
 
@@ -29,8 +29,23 @@ bench: setup
 host: setup
 	bash scripts/install_host.sh
 
-test: host
+test: host browser
 	$(BIN)/python -m pytest
+
+# Debian chromium and npm playwright-core for the browser test and the workflow builder; without them
+# (no root for apt-get, no npm) the browser test skips and says why.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q chromium) \
+				|| echo "browser: could not install chromium, tests/test_browser.py will skip"; \
+		else echo "browser: chromium not found (apt-get install chromium), tests/test_browser.py will skip"; fi; \
+	fi
+	@if [ ! -d tests/browser/node_modules/playwright-core ]; then \
+		if command -v npm >/dev/null 2>&1; then npm ci --prefix tests/browser \
+			|| echo "browser: npm ci failed, tests/test_browser.py will skip"; \
+		else echo "browser: npm not found, tests/test_browser.py will skip"; fi; \
+	fi
 
 lint: setup
 	$(BIN)/ruff check .

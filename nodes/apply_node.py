@@ -29,7 +29,9 @@ class LoRA2Apply(io.ComfyNode):
                     tooltip="How strongly the adapter changes the model (1 = as trained, 0 = off).",
                 ),
             ],
-            outputs=[io.Model.Output(tooltip="The model with the adapter applied.")],
+            outputs=[
+                io.Model.Output("adapted_model", display_name="model", tooltip="The model with the adapter applied.")
+            ],
         )
 
     @classmethod

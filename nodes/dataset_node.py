@@ -74,7 +74,11 @@ class LoRA2Dataset(io.ComfyNode):
                     "cache_on_disk", default=True, tooltip="Keep encodings in models/lora2_cache across restarts."
                 ),
             ],
-            outputs=[Dataset.Output("dataset", tooltip="Encoded images and captions, ready for LoRA² Train.")],
+            outputs=[
+                Dataset.Output(
+                    "dataset", display_name="dataset", tooltip="Encoded images and captions, ready for LoRA² Train."
+                )
+            ],
         )
 
     @classmethod

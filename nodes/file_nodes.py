@@ -48,7 +48,7 @@ class LoRA2Save(io.ComfyNode):
                     tooltip="The model it was trained on: used to write diffusers-style key names for UNets.",
                 ),
             ],
-            outputs=[io.String.Output("path", tooltip="Where the file was written.")],
+            outputs=[io.String.Output("path", display_name="path", tooltip="Where the file was written.")],
         )
 
     @classmethod
@@ -85,7 +85,7 @@ class LoRA2Load(io.ComfyNode):
                     tooltip="A .safetensors file in models/loras.",
                 ),
             ],
-            outputs=[Adapter.Output("adapter", tooltip="The loaded adapter.")],
+            outputs=[Adapter.Output("adapter", display_name="adapter", tooltip="The loaded adapter.")],
         )
 
     @classmethod

@@ -61,9 +61,11 @@ class LoRA2Heatmap(io.ComfyNode):
                 io.String.Input("title", default="", tooltip="Title line (empty: the model family and file)."),
             ],
             outputs=[
-                io.Image.Output("image", tooltip="The heatmap as an image."),
-                io.String.Output("table", tooltip="The same table as aligned text."),
-                io.String.Output("json", tooltip="The same table as JSON (ranks, energy ranks, totals)."),
+                io.Image.Output("image", display_name="heatmap", tooltip="The heatmap as an image."),
+                io.String.Output("table", display_name="table", tooltip="The same table as aligned text."),
+                io.String.Output(
+                    "json", display_name="json", tooltip="The same table as JSON (ranks, energy ranks, totals)."
+                ),
             ],
         )
 
@@ -110,8 +112,10 @@ class LoRA2Prune(io.ComfyNode):
                 ),
             ],
             outputs=[
-                Adapter.Output("pruned", tooltip="The pruned adapter."),
-                io.String.Output("report", tooltip="Per component: rank before/after and relative ‖ΔW‖ error."),
+                Adapter.Output("pruned", display_name="pruned adapter", tooltip="The pruned adapter."),
+                io.String.Output(
+                    "report", display_name="report", tooltip="Per component: rank before/after and relative ‖ΔW‖ error."
+                ),
             ],
         )
 

@@ -111,9 +111,17 @@ class LoRA2Train(io.ComfyNode):
             "current step and keeps what was trained (also saved to models/loras).",
             inputs=_schema_inputs(),
             outputs=[
-                io.Model.Output("trained_model", tooltip="The model with the trained adapter applied (for KSampler)."),
-                AdapterType.Output("adapter", tooltip="The trained adapter (save, prune, inspect)."),
-                HistoryType.Output("history", tooltip="Loss and every component's rank per step."),
+                io.Model.Output(
+                    "trained_model",
+                    display_name="trained model",
+                    tooltip="The model with the trained adapter applied (for KSampler).",
+                ),
+                AdapterType.Output(
+                    "adapter", display_name="adapter", tooltip="The trained adapter (save, prune, inspect)."
+                ),
+                HistoryType.Output(
+                    "history", display_name="history", tooltip="Loss and every component's rank per step."
+                ),
             ],
         )
 

@@ -1,0 +1,231 @@
+// The pack's three example workflows, as specs that build_workflows.mjs turns into real graphs in the UI.
+//
+// A spec names nodes (type, title, widget values by name, note text), links (by output and input slot
+// name, or by type where a node has one slot of that type), and a layout: bands (rows) of groups,
+// groups of columns, columns of nodes, read left to right. Widget defaults are for a real SD1.5 user.
+
+export const CHECKPOINT = 'v1-5-pruned-emaonly.safetensors';
+export const SUBJECT_LORA = 'lora2/my_subject.safetensors';
+export const SEED = 42;
+const NOTE_W = 330;
+
+const sampler = (title) => ({
+  type: 'KSampler',
+  title,
+  widgets: { seed: SEED, steps: 20, cfg: 7.0, sampler_name: 'euler', scheduler: 'normal', denoise: 1.0 },
+});
+const checkpointLoader = () => ({
+  type: 'CheckpointLoaderSimple',
+  title: 'Load Checkpoint',
+  widgets: { ckpt_name: CHECKPOINT },
+  size: [300, 0],
+});
+const note = (title, text, height) => ({ type: 'Note', title, text, size: [NOTE_W, height] });
+const prompt = (title, text) => ({ type: 'CLIPTextEncode', title, widgets: { text }, size: [360, 120] });
+
+const trainAndInspect = {
+  name: 'lora2_train_and_inspect',
+  nodes: {
+    note_data: note(
+      'About: data',
+      'Put 5-30 photos of your subject in ComfyUI/input/lora2_subject (png, jpg or webp). A .txt file with ' +
+        "the same name is used as that photo's caption; otherwise the caption is \"a photo of {trigger}\".\n\n" +
+        'The first run encodes every photo and caption once with this checkpoint. The result is cached ' +
+        '(in memory and in models/lora2_cache), so later runs start training at once.',
+      200,
+    ),
+    ckpt: checkpointLoader(),
+    note_models: note(
+      'Other models: SDXL and Flux',
+      'SDXL: choose an SDXL checkpoint and set resolution 1024 here and on "Empty latent". Keep targets "attn". ' +
+        'SDXL learns faster per step: try 300 steps and learning rate 5e-5.\n\n' +
+        'Flux: replace Load Checkpoint with Load Diffusion Model (UNETLoader), DualCLIPLoader (type flux) and ' +
+        'Load VAE. The dataset needs no FluxGuidance. Use resolution 512-1024, training_dtype bfloat16 and ' +
+        'turn gradient_checkpointing on.',
+      230,
+    ),
+    dataset: {
+      type: 'LoRA2Dataset',
+      title: 'Subject images',
+      widgets: {
+        folder: 'lora2_subject',
+        caption_template: 'a photo of {trigger}',
+        trigger: 'sks toy',
+        resolution: 512,
+      },
+    },
+    note_train: note(
+      'About: training',
+      'LoRA² starts every attention layer at rank 4 and lets each one grow or shrink while it trains. ' +
+        '500 steps suit 5-30 photos. Loss, total rank and size show on the node and in the console.\n\n' +
+        'Cancel stops after the current step and saves what was trained, with its training state, to ' +
+        'models/loras/lora2/checkpoint_stepN. To continue, pick that file in "resume" and queue again.',
+      220,
+    ),
+    train: { type: 'LoRA2Train', title: 'Train LoRA²' },
+    note_inspect: note(
+      'About: inspect and prune',
+      'The heatmap shows the rank each layer learned (rows: blocks in model order; columns: q, k, v, out) ' +
+        'and how loss and total rank moved while training.\n\n' +
+        "Prune keeps 90 % of each layer's importance for a smaller file. Both files are standard LoRAs in " +
+        'models/loras/lora2 that any LoRA loader reads; "Save adapter" also writes the state to resume from.',
+      210,
+    ),
+    heatmap: { type: 'LoRA2Heatmap', title: 'Rank heatmap', size: [420, 400] },
+    prune: { type: 'LoRA2Prune', title: 'Prune', widgets: { policy: 'importance mass', value: 0.9 } },
+    save_pruned: { type: 'LoRA2Save', title: 'Save pruned', widgets: { filename: 'lora2/my_subject_pruned' } },
+    save: { type: 'LoRA2Save', title: 'Save adapter', widgets: { filename: 'lora2/my_subject' } },
+    note_compare: note(
+      'About: compare',
+      'The same prompt, seed and settings, sampled without and with the adapter just trained. ' +
+        'Use the trigger word ("sks toy") in the prompt.',
+      110,
+    ),
+    positive: prompt('Prompt', 'a photo of sks toy on the beach'),
+    negative: prompt('Negative', ''),
+    latent: { type: 'EmptyLatentImage', title: 'Empty latent', widgets: { width: 512, height: 512, batch_size: 1 } },
+    sample_base: sampler('Sample without adapter'),
+    sample_lora: sampler('Sample with adapter'),
+    decode_base: { type: 'VAEDecode', title: 'Decode without adapter' },
+    decode_lora: { type: 'VAEDecode', title: 'Decode with adapter' },
+    preview_base: { type: 'PreviewImage', title: 'Preview without adapter', size: [260, 250] },
+    preview_lora: { type: 'PreviewImage', title: 'Preview with adapter', size: [260, 250] },
+  },
+  links: [
+    ['ckpt', 'VAE', 'dataset', 'vae'],
+    ['ckpt', 'CLIP', 'dataset', 'clip'],
+    ['ckpt', 'MODEL', 'train', 'model'],
+    ['dataset', 'LORA2_DATASET', 'train', 'dataset'],
+    ['train', 'LORA2_ADAPTER', 'heatmap', 'adapter'],
+    ['train', 'LORA2_HISTORY', 'heatmap', 'history'],
+    ['train', 'LORA2_ADAPTER', 'prune', 'adapter'],
+    ['prune', 'LORA2_ADAPTER', 'save_pruned', 'adapter'],
+    ['ckpt', 'MODEL', 'save_pruned', 'model'],
+    ['train', 'LORA2_ADAPTER', 'save', 'adapter'],
+    ['ckpt', 'MODEL', 'save', 'model'],
+    ['ckpt', 'CLIP', 'positive', 'clip'],
+    ['ckpt', 'CLIP', 'negative', 'clip'],
+    ['ckpt', 'MODEL', 'sample_base', 'model'],
+    ['positive', 'CONDITIONING', 'sample_base', 'positive'],
+    ['negative', 'CONDITIONING', 'sample_base', 'negative'],
+    ['latent', 'LATENT', 'sample_base', 'latent_image'],
+    ['train', 'MODEL', 'sample_lora', 'model'],
+    ['positive', 'CONDITIONING', 'sample_lora', 'positive'],
+    ['negative', 'CONDITIONING', 'sample_lora', 'negative'],
+    ['latent', 'LATENT', 'sample_lora', 'latent_image'],
+    ['sample_base', 'LATENT', 'decode_base', 'samples'],
+    ['ckpt', 'VAE', 'decode_base', 'vae'],
+    ['sample_lora', 'LATENT', 'decode_lora', 'samples'],
+    ['ckpt', 'VAE', 'decode_lora', 'vae'],
+    ['decode_base', 'IMAGE', 'preview_base', 'images'],
+    ['decode_lora', 'IMAGE', 'preview_lora', 'images'],
+  ],
+  layout: [
+    [
+      { group: '1 Data', columns: [['note_data', 'ckpt'], ['dataset']] },
+      { group: '2 Train', columns: [['note_train'], ['train']] },
+      { group: '3 Inspect & prune', columns: [['note_inspect', 'prune'], ['heatmap'], ['save', 'save_pruned']] },
+    ],
+    [
+      { group: null, columns: [['note_models']] },
+      {
+        group: '4 Compare',
+        columns: [
+          ['note_compare', 'latent'],
+          ['positive', 'negative'],
+          ['sample_base', 'sample_lora'],
+          ['decode_base', 'decode_lora'],
+          ['preview_base', 'preview_lora'],
+        ],
+      },
+    ],
+  ],
+};
+
+const inspectAnyLora = {
+  name: 'lora2_inspect_any_lora',
+  nodes: {
+    note: note(
+      'About: inspect any LoRA',
+      'Works for any LoRA in models/loras: LoRA² files and ordinary ones (kohya, ComfyUI, diffusers/PEFT). ' +
+        'For ordinary LoRAs the ranks come from the tensor shapes, and the heatmap also shows the effective ' +
+        "rank of each layer: how many directions hold 90 % and 99 % of its singular-value energy.\n\n" +
+        'Prune to budget keeps the strongest directions across all layers until the file fits 10 MB, and ' +
+        'saves it as a new LoRA.',
+      250,
+    ),
+    load: { type: 'LoRA2Load', title: 'Load LoRA file', widgets: { lora_name: SUBJECT_LORA }, size: [300, 0] },
+    heatmap: { type: 'LoRA2Heatmap', title: 'Rank heatmap', size: [420, 400] },
+    prune: { type: 'LoRA2Prune', title: 'Prune to budget', widgets: { policy: 'budget (MB)', value: 10 } },
+    save: { type: 'LoRA2Save', title: 'Save pruned', widgets: { filename: 'lora2/my_subject_10mb' } },
+    heatmap_pruned: { type: 'LoRA2Heatmap', title: 'Heatmap after pruning', size: [420, 400] },
+  },
+  links: [
+    ['load', 'LORA2_ADAPTER', 'heatmap', 'adapter'],
+    ['load', 'LORA2_ADAPTER', 'prune', 'adapter'],
+    ['prune', 'LORA2_ADAPTER', 'save', 'adapter'],
+    ['prune', 'LORA2_ADAPTER', 'heatmap_pruned', 'adapter'],
+  ],
+  layout: [[{ group: null, columns: [['load', 'note'], ['heatmap', 'prune'], ['save', 'heatmap_pruned']] }]],
+};
+
+const apply = {
+  name: 'lora2_apply',
+  nodes: {
+    note: note(
+      'About: using the adapter',
+      'A LoRA² file is a standard LoRA: ComfyUI\'s own "LoraLoaderModelOnly" reads it just like LoRA² Apply, ' +
+        'and both paths give the same image (same seed and settings).\n\n' +
+        'LoRA² Apply also takes an adapter straight from LoRA² Train or LoRA² Prune, without saving it first.',
+      180,
+    ),
+    ckpt: checkpointLoader(),
+    adapter: { type: 'LoRA2Load', title: 'LoRA² adapter', widgets: { lora_name: SUBJECT_LORA }, size: [300, 0] },
+    apply: { type: 'LoRA2Apply', title: 'Apply LoRA²', widgets: { strength: 1.0 } },
+    stock: {
+      type: 'LoraLoaderModelOnly',
+      title: 'Stock LoRA loader',
+      widgets: { lora_name: SUBJECT_LORA, strength_model: 1.0 },
+      size: [300, 0],
+    },
+    positive: prompt('Prompt', 'a photo of sks toy on the beach'),
+    negative: prompt('Negative', ''),
+    latent: { type: 'EmptyLatentImage', title: 'Empty latent', widgets: { width: 512, height: 512, batch_size: 1 } },
+    sample_apply: sampler('Sample with LoRA² Apply'),
+    sample_stock: sampler('Sample with stock loader'),
+    decode_apply: { type: 'VAEDecode', title: 'Decode (LoRA² Apply)' },
+    decode_stock: { type: 'VAEDecode', title: 'Decode (stock loader)' },
+    preview_apply: { type: 'PreviewImage', title: 'Preview (LoRA² Apply)', size: [260, 250] },
+    preview_stock: { type: 'PreviewImage', title: 'Preview (stock loader)', size: [260, 250] },
+  },
+  links: [
+    ['ckpt', 'MODEL', 'apply', 'model'],
+    ['adapter', 'LORA2_ADAPTER', 'apply', 'adapter'],
+    ['ckpt', 'MODEL', 'stock', 'model'],
+    ['ckpt', 'CLIP', 'positive', 'clip'],
+    ['ckpt', 'CLIP', 'negative', 'clip'],
+    ['apply', 'MODEL', 'sample_apply', 'model'],
+    ['stock', 'MODEL', 'sample_stock', 'model'],
+    ['positive', 'CONDITIONING', 'sample_apply', 'positive'],
+    ['negative', 'CONDITIONING', 'sample_apply', 'negative'],
+    ['latent', 'LATENT', 'sample_apply', 'latent_image'],
+    ['positive', 'CONDITIONING', 'sample_stock', 'positive'],
+    ['negative', 'CONDITIONING', 'sample_stock', 'negative'],
+    ['latent', 'LATENT', 'sample_stock', 'latent_image'],
+    ['sample_apply', 'LATENT', 'decode_apply', 'samples'],
+    ['ckpt', 'VAE', 'decode_apply', 'vae'],
+    ['sample_stock', 'LATENT', 'decode_stock', 'samples'],
+    ['ckpt', 'VAE', 'decode_stock', 'vae'],
+    ['decode_apply', 'IMAGE', 'preview_apply', 'images'],
+    ['decode_stock', 'IMAGE', 'preview_stock', 'images'],
+  ],
+  layout: [
+    [
+      { group: null, columns: [['note', 'ckpt'], ['adapter', 'apply', 'stock'], ['positive', 'negative', 'latent']] },
+      { group: null, columns: [['sample_apply', 'sample_stock'], ['decode_apply', 'decode_stock']] },
+      { group: null, columns: [['preview_apply', 'preview_stock']] },
+    ],
+  ],
+};
+
+export const SPECS = [trainAndInspect, inspectAnyLora, apply];
