@@ -1,8 +1,7 @@
 """LoRA²: LoRA whose every component learns its own rank (pure PyTorch; never imports ComfyUI).
 
-Public API::
+Public API (the package is ``comfyui_lora2.lora2`` when the pack is installed for development)::
 
-    from comfyui_lora2.lora2 import LoRA2Config, attach
     handle = attach(model, LoRA2Config(targets="attn", init_rank=4, max_rank=64))
 
 See ``attach.py`` for the training-step contract and ``rank.py`` for how a rank is decided.
