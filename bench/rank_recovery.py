@@ -51,6 +51,8 @@ class Method:
     config: LoRA2Config
     lr: float
     nu_lr: float = 0.0
+    reset_moments: bool = False
+    """Ablation: drop a resized factor's optimizer state (AWN's choice) instead of keeping its positions'."""
 
 
 def _exact_names(names: list[str]) -> str:
@@ -116,7 +118,11 @@ def train_student(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
-        handle.step(optimizer)
+        changes = handle.step(optimizer)
+        if method.reset_moments:
+            for change in changes.values():
+                for _, new, _ in change.replaced:
+                    optimizer.state.pop(new, None)
         losses.append(loss.item())
         if progress is not None:
             progress(step, handle, losses[-1])
@@ -166,6 +172,7 @@ def run(
     heads: int = 4,
     max_rank: int = 64,
     fixed_ranks: tuple[int, ...] = (4, 16, 64),
+    reset_moments_ablation: bool = False,
     supervision: str = "blocks",
     progress: Callable[[str, int], None] | None = None,
 ) -> dict:
@@ -176,6 +183,10 @@ def run(
     eval_x = torch.randn(64, tokens, dim, generator=torch.Generator().manual_seed(seed + 3))
     eval_inputs = layer_inputs(teacher, names, eval_x)
     methods = [lora2_method(names, max_rank, seed)] + [fixed_method(names, r, seed) for r in fixed_ranks]
+    if reset_moments_ablation:
+        ablation = lora2_method(names, max_rank, seed)
+        ablation.name, ablation.reset_moments = "lora2_reset_moments", True
+        methods.append(ablation)
     results: dict = {"planted": list(true_ranks), "layers": names, "methods": {}}
     for method in methods:
         started = time.perf_counter()
@@ -190,7 +201,9 @@ def run(
         }
         if method.config.adaptive:
             ranks = handle.ranks()
-            results["learned"] = [ranks[name] for name in names]
+            results["methods"][method.name]["learned"] = [ranks[name] for name in names]
+            if method.name == "lora2":
+                results["learned"] = results["methods"][method.name]["learned"]
     results["spearman"] = spearman(results["planted"], results["learned"])
     return results
 
@@ -245,13 +258,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tokens", type=int, default=16, help="tokens per sequence")
     parser.add_argument("--max-rank", type=int, default=64, help="LoRA² max_rank")
     parser.add_argument("--supervision", choices=("blocks", "output"), default="blocks")
+    parser.add_argument(
+        "--ablation-reset-moments",
+        action="store_true",
+        help="also run LoRA² resetting a resized factor's Adam state (AWN) instead of keeping its positions'",
+    )
     args = parser.parse_args(argv)
     true_ranks = [int(r) for r in args.true_ranks.split(",") if r.strip()]
     if not true_ranks or min(true_ranks) < 1 or max(true_ranks) > min(args.dim, args.max_rank):
         parser.error(f"--true-ranks must be between 1 and min(dim, max_rank) = {min(args.dim, args.max_rank)}")
     torch.set_num_threads(1)
     fixed = (4, 16, 64)
-    bar, update = _progress_bar(args.steps * (1 + len(fixed)))
+    bar, update = _progress_bar(args.steps * (1 + len(fixed) + args.ablation_reset_moments))
     results = run(
         true_ranks,
         args.dim,
@@ -262,6 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
         max_rank=args.max_rank,
         fixed_ranks=fixed,
         supervision=args.supervision,
+        reset_moments_ablation=args.ablation_reset_moments,
         progress=update,
     )
     bar.close()

@@ -52,3 +52,12 @@ def test_cli_prints_a_table_and_a_json_last_line(capsys: pytest.CaptureFixture[s
 def test_cli_refuses_ranks_out_of_range() -> None:
     with pytest.raises(SystemExit):
         rank_recovery.main(["--true-ranks", "0,4", "--dim", "32"])
+
+
+def test_reset_moments_ablation_runs_beside_the_default(capsys: pytest.CaptureFixture[str]) -> None:
+    rank_recovery.main(
+        ["--true-ranks", "1,4", "--dim", "32", "--steps", "40", "--max-rank", "8", "--ablation-reset-moments"]
+    )
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(summary["methods"]) == {"lora2", "lora_r4", "lora_r16", "lora_r64", "lora2_reset_moments"}
+    assert len(summary["learned"]) == 2
