@@ -217,11 +217,16 @@ def format_table(results: dict) -> str:
     ):
         lines.append(f"{name:<20}{planted:>8}{learned:>8}{error:>10.5f}")
     lines += [f"spearman(planted, learned) = {results['spearman']:.3f}", ""]
-    lines += [f"{'method':<10}{'rel_mse':>10}{'params':>10}{'params/r64':>12}{'seconds':>9}", "-" * 51]
+    width = max(10, *(len(name) + 2 for name in results["methods"]))
+    header = f"{'method':<{width}}{'rel_mse':>10}{'params':>10}{'params/r64':>12}{'seconds':>9}"
+    lines += [header, "-" * len(header)]
     reference = results["methods"].get("lora_r64", {}).get("params")
     for name, m in results["methods"].items():
         ratio = f"{m['params'] / reference:.3f}" if reference else "-"
-        lines.append(f"{name:<10}{m['rel_mse']:>10.5f}{m['params']:>10}{ratio:>12}{m['seconds']:>9.1f}")
+        lines.append(f"{name:<{width}}{m['rel_mse']:>10.5f}{m['params']:>10}{ratio:>12}{m['seconds']:>9.1f}")
+    for name, m in results["methods"].items():
+        if name != "lora2" and "learned" in m:
+            lines.append(f"{name} learned ranks: {m['learned']}")
     return "\n".join(lines)
 
 
