@@ -14,29 +14,28 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import os
 import runpy
 import sys
 from types import ModuleType
 from typing import Any
 
-STUBS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stubs")
+
+def _load_layout() -> ModuleType:
+    """``layout.py`` by file path: it imports only the standard library, and loading it this way puts
+    nothing on sys.path."""
+    spec = importlib.util.spec_from_file_location(
+        "_lora2_host_layout", os.path.join(os.path.dirname(os.path.abspath(__file__)), "layout.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def hide_torchvision_stub() -> None:
-    """Same as ``layout.hide_torchvision_stub`` (duplicated: this file runs outside the package)."""
-    while STUBS_DIR in sys.path:
-        sys.path.remove(STUBS_DIR)
-    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-        if str(getattr(sys.modules[name], "__file__", "") or "").startswith(STUBS_DIR):
-            del sys.modules[name]
-    # transformers caches is_torchvision_available() (lru_cache) when first asked, during start-up.
-    import_utils = sys.modules.get("transformers.utils.import_utils")
-    for name in dir(import_utils) if import_utils is not None else ():
-        if "torchvision" in name:
-            clear = getattr(getattr(import_utils, name), "cache_clear", None)
-            if callable(clear):
-                clear()
+layout = _load_layout()
+STUBS_DIR = str(layout.STUBS_DIR)
+hide_torchvision_stub = layout.hide_torchvision_stub
 
 
 class _WrapNodesInit(importlib.abc.MetaPathFinder):
