@@ -15,6 +15,7 @@ from PIL import Image
 from support.comfy_host import ComfyHost, run_prompt
 from support.comfy_server import ComfyServer
 from support.layout import MISSING_HOST_REASON, PACK_LINK_NAME, STUBS_DIR, host_available
+from support.prompts import ksampler
 
 pytest_plugins = ["support.fixtures"]
 pytestmark = pytest.mark.skipif(not host_available(), reason=MISSING_HOST_REASON)
@@ -48,21 +49,7 @@ def _sample_prompt(family: str, empty_latent: str, steps: int = 2) -> dict:
         "pos": {"class_type": "TestRandomConditioning", "inputs": {"family": family, "seed": 1, "batch": 1}},
         "neg": {"class_type": "TestRandomConditioning", "inputs": {"family": family, "seed": 2, "batch": 1}},
         "latent": {"class_type": empty_latent, "inputs": {"width": 64, "height": 48, "batch_size": 2}},
-        "sample": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["model", 0],
-                "seed": 0,
-                "steps": steps,
-                "cfg": 4.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "positive": ["pos", 0],
-                "negative": ["neg", 0],
-                "latent_image": ["latent", 0],
-                "denoise": 1.0,
-            },
-        },
+        "sample": ksampler(["model", 0], ["pos", 0], ["neg", 0], ["latent", 0], steps=steps, cfg=4.0),
         "vae": {"class_type": "TestTinyVAE", "inputs": {"family": family, "seed": 0}},
         "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["vae", 0]}},
         "capture": {"class_type": "TestCapture", "inputs": {"value": ["decode", 0], "key": f"image-{family}"}},
@@ -202,21 +189,7 @@ def test_real_server_round_trip(comfy_server: ComfyServer) -> None:
         "cond": {"class_type": "LotusConditioning", "inputs": {}},
         "zero": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["cond", 0]}},
         "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "sample": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["unet", 0],
-                "seed": 0,
-                "steps": 2,
-                "cfg": 2.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "positive": ["cond", 0],
-                "negative": ["zero", 0],
-                "latent_image": ["latent", 0],
-                "denoise": 1.0,
-            },
-        },
+        "sample": ksampler(["unet", 0], ["cond", 0], ["zero", 0], ["latent", 0], cfg=2.0),
         "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "tiny_taesd.safetensors"}},
         "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["vae", 0]}},
         "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "host_test"}},

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 from support.comfy_host import ComfyHost, run_prompt
 from support.layout import MISSING_HOST_REASON, host_available
+from support.prompts import ksampler
 
 from comfyui_lora2.lora2 import LoRA2Error, select_targets
 from comfyui_lora2.lora2.adapter import Adapter, Component
@@ -48,21 +49,7 @@ def sample_prompt(family: str, model_source: dict) -> dict:
         **model_source,
         "cond": {"class_type": "TestRandomConditioning", "inputs": {"family": family, "seed": 1, "batch": 1}},
         "latent": {"class_type": latent, "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "sample": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["adapted", 0],
-                "seed": 3,
-                "steps": 3,
-                "cfg": 1.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "positive": ["cond", 0],
-                "negative": ["cond", 0],
-                "latent_image": ["latent", 0],
-                "denoise": 1.0,
-            },
-        },
+        "sample": ksampler(["adapted", 0], ["cond", 0], ["cond", 0], ["latent", 0], steps=3, seed=3),
         "keep": {"class_type": "TestCapture", "inputs": {"value": ["sample", 0], "key": f"latent-{family}"}},
     }
 

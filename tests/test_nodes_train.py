@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from support.comfy_host import ComfyHost, run_prompt
 from support.layout import MISSING_HOST_REASON, host_available
+from support.prompts import ksampler
 
 pytest_plugins = ["support.fixtures"]
 pytestmark = pytest.mark.skipif(not host_available(), reason=MISSING_HOST_REASON)
@@ -91,21 +92,7 @@ def training_prompt(family: str, steps: int = 20, **train_overrides) -> dict:
             "inputs": {"model": ["model", 0], "adapter": ["train", 1], "strength": 1.0},
         },
         "latent": {"class_type": LATENT_NODE[family], "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "sample": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["apply", 0],
-                "seed": 0,
-                "steps": 2,
-                "cfg": 1.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "positive": ["cond", 0],
-                "negative": ["cond", 0],
-                "latent_image": ["latent", 0],
-                "denoise": 1.0,
-            },
-        },
+        "sample": ksampler(["apply", 0], ["cond", 0], ["cond", 0], ["latent", 0]),
         "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["vae", 0]}},
         "keep_adapter": {"class_type": "TestCapture", "inputs": {"value": ["train", 1], "key": f"adapter-{family}"}},
         "keep_history": {"class_type": "TestCapture", "inputs": {"value": ["train", 2], "key": f"history-{family}"}},

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from support.comfy_server import ComfyServer
 from support.layout import MISSING_HOST_REASON, host_available
+from support.prompts import ksampler
 
 pytest_plugins = ["support.fixtures"]
 pytestmark = pytest.mark.skipif(not host_available(), reason=MISSING_HOST_REASON)
@@ -100,21 +101,7 @@ def test_training_graph_runs_on_the_real_server(comfy_server: ComfyServer, comfy
             },
         },
         "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "sample": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["train", 0],
-                "seed": 0,
-                "steps": 2,
-                "cfg": 1.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "positive": ["cond", 0],
-                "negative": ["cond", 0],
-                "latent_image": ["latent", 0],
-                "denoise": 1.0,
-            },
-        },
+        "sample": ksampler(["train", 0], ["cond", 0], ["cond", 0], ["latent", 0]),
         "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["vae", 0]}},
         "preview": {"class_type": "PreviewImage", "inputs": {"images": ["decode", 0]}},
     }
