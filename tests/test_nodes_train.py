@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from support.comfy_host import ComfyHost, run_prompt
 from support.layout import MISSING_HOST_REASON, host_available
-from support.prompts import ksampler
+from support.prompts import ksampler, lora2_dataset
 
 pytest_plugins = ["support.fixtures"]
 pytestmark = pytest.mark.skipif(not host_available(), reason=MISSING_HOST_REASON)
@@ -68,24 +68,7 @@ def training_prompt(family: str, steps: int = 20, **train_overrides) -> dict:
         "model": {"class_type": "TestTinyModel", "inputs": {"family": family, "seed": 0}},
         "vae": {"class_type": "TestTinyVAE", "inputs": {"family": VAE_CHANNELS[family], "seed": 0}},
         "cond": {"class_type": "TestRandomConditioning", "inputs": {"family": family, "seed": 1, "batch": 1}},
-        "dataset": {
-            "class_type": "LoRA2Dataset",
-            "inputs": {
-                "folder": "subject",
-                "vae": ["vae", 0],
-                "conditioning": ["cond", 0],
-                "caption_template": "a photo of {trigger}",
-                "trigger": "sks dog",
-                "resolution": 64,
-                "bucketing": True,
-                "flip": True,
-                "random_crop": False,
-                "color_jitter": False,
-                "variants": 1,
-                "seed": 0,
-                "cache_on_disk": True,
-            },
-        },
+        "dataset": lora2_dataset(["vae", 0], ["cond", 0], trigger="sks dog", flip=True),
         "train": {"class_type": "LoRA2Train", "inputs": train_inputs},
         "apply": {
             "class_type": "LoRA2Apply",

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from support.comfy_server import ComfyServer
 from support.layout import MISSING_HOST_REASON, host_available
-from support.prompts import ksampler
+from support.prompts import ksampler, lora2_dataset
 
 pytest_plugins = ["support.fixtures"]
 pytestmark = pytest.mark.skipif(not host_available(), reason=MISSING_HOST_REASON)
@@ -48,24 +48,7 @@ def test_training_graph_runs_on_the_real_server(comfy_server: ComfyServer, comfy
         },
         "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "tiny_taesd.safetensors"}},
         "cond": {"class_type": "LotusConditioning", "inputs": {}},
-        "dataset": {
-            "class_type": "LoRA2Dataset",
-            "inputs": {
-                "folder": "subject",
-                "vae": ["vae", 0],
-                "conditioning": ["cond", 0],
-                "caption_template": "a photo of {trigger}",
-                "trigger": "sks",
-                "resolution": 64,
-                "bucketing": True,
-                "flip": False,
-                "random_crop": False,
-                "color_jitter": False,
-                "variants": 1,
-                "seed": 0,
-                "cache_on_disk": True,
-            },
-        },
+        "dataset": lora2_dataset(["vae", 0], ["cond", 0]),
         "train": {
             "class_type": "LoRA2Train",
             "inputs": {

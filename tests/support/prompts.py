@@ -26,3 +26,24 @@ def ksampler(
             "denoise": 1.0,
         },
     }
+
+
+def lora2_dataset(vae: Link, conditioning: Link, *, folder: str = "subject", **overrides: Any) -> dict[str, Any]:
+    """A ``LoRA2Dataset`` node on ready conditioning, at 64 px, no augmentation unless overridden."""
+    inputs = {
+        "folder": folder,
+        "vae": vae,
+        "conditioning": conditioning,
+        "caption_template": "a photo of {trigger}",
+        "trigger": "sks",
+        "resolution": 64,
+        "bucketing": True,
+        "flip": False,
+        "random_crop": False,
+        "color_jitter": False,
+        "variants": 1,
+        "seed": 0,
+        "cache_on_disk": True,
+    }
+    inputs.update(overrides)
+    return {"class_type": "LoRA2Dataset", "inputs": inputs}
