@@ -29,6 +29,11 @@ def _state_of(optimizer: torch.optim.Optimizer | None, param: torch.nn.Parameter
     return state if state else None
 
 
+def _per_element(value: torch.Tensor, param: torch.Tensor) -> bool:
+    """Shaped like the parameter, or its flattened copy (one number per element either way)."""
+    return value.shape == param.shape or (value.dim() == 1 and value.numel() == param.numel())
+
+
 def _is_shaped_like(value: object, shape: torch.Size) -> bool:
     return torch.is_tensor(value) and value.shape == shape
 
@@ -51,20 +56,21 @@ def replace_parameter(
     state = optimizer.state.pop(old, None)
     if not state:
         return
-    if any(torch.is_tensor(v) and v.dim() > 0 and v.shape != old.shape for v in state.values()):
+    if any(torch.is_tensor(v) and v.dim() > 0 and not _per_element(v, old) for v in state.values()):
         log.warning("optimizer state of a resized LoRA² factor is not per-element; it restarts from zero")
         return
     kept = kept_index >= 0
     new_positions = torch.nonzero(kept).flatten()
     old_positions = kept_index[kept]
     for key, value in list(state.items()):
-        if not _is_shaped_like(value, old.shape):
+        if not torch.is_tensor(value) or value.dim() == 0:
             continue
+        shaped = value.view(old.shape)  # flat per-element state (Prodigy's p0) is re-indexed the same way
         fresh = torch.zeros(new.shape, dtype=value.dtype, device=value.device)
         if len(new_positions):
-            source = value.index_select(dim, old_positions.to(value.device))
+            source = shaped.index_select(dim, old_positions.to(value.device))
             fresh.index_copy_(dim, new_positions.to(value.device), source)
-        state[key] = fresh
+        state[key] = fresh if value.shape == old.shape else fresh.flatten()
     optimizer.state[new] = state
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -42,6 +43,8 @@ class NoiseRuleLike(Protocol):
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 
+log = logging.getLogger(__name__)
+
 BASE_OPTIMIZERS = ("adamw", "adam", "sgd")
 OPTIONAL_OPTIMIZERS = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}
 
@@ -67,6 +70,11 @@ def make_optimizer(name: str, groups: list[dict], weight_decay: float = 0.0) -> 
     if name == "prodigy" and "prodigy" in available_optimizers():
         import prodigyopt
 
+        # Prodigy estimates one step size for everything and refuses groups with different lr; ν then
+        # moves at the factors' (adapted) rate. Use lr = 1 with Prodigy, as its authors recommend.
+        if len({group["lr"] for group in groups}) > 1:
+            log.warning("Prodigy uses one learning rate for all parameters; the rank learning rate is ignored")
+            groups = [{**group, "lr": groups[0]["lr"]} for group in groups]
         return prodigyopt.Prodigy(groups, weight_decay=weight_decay)
     raise LoRA2Error(
         f"optimizer {name!r} is not available; choose one of {available_optimizers()} "

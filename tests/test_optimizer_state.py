@@ -72,3 +72,15 @@ def test_no_optimizer_is_fine() -> None:
     old = torch.nn.Parameter(torch.zeros(2))
     replace_parameter(None, old, torch.nn.Parameter(torch.zeros(3)), torch.tensor([0, 1, -1]), 0)
     zero_positions(None, old, 0, 1, 0)
+
+
+def test_flat_per_element_state_follows_its_positions() -> None:
+    """Prodigy keeps a flattened copy of the parameter (p0); it is re-indexed like the moments."""
+    old, optimizer = stepped(torch.optim.Adam)
+    optimizer.state[old]["p0"] = old.detach().flatten().clone()
+    new = torch.nn.Parameter(torch.zeros(6, 4))
+    replace_parameter(optimizer, old, new, torch.tensor([0, 1, 2, 3, 4, -1]), dim=0)
+    p0 = optimizer.state[new]["p0"]
+    assert p0.shape == (24,)
+    torch.testing.assert_close(p0.view(6, 4)[:5], old.detach())
+    assert p0.view(6, 4)[5].abs().sum() == 0

@@ -72,7 +72,8 @@ def eval_loss(unet, latents, conditioning) -> float:
 
 def make_trainer(unet, batches, steps: int = 40, **kwargs) -> Trainer:
     handle = attach(unet, LoRA2Config(targets="attn", init_rank=2, max_rank=16, prior_strength=1e-4))
-    config = TrainConfig(steps=steps, batch_size=2, lr=3e-3, nu_lr=0.1, dtype="float32", seed=0, **kwargs)
+    settings = {"steps": steps, "batch_size": 2, "lr": 3e-3, "nu_lr": 0.1, "dtype": "float32", "seed": 0}
+    config = TrainConfig(**{**settings, **kwargs})
     return Trainer(denoiser_for(unet), RULE, batches(), handle, config)
 
 
@@ -203,3 +204,27 @@ def test_optimizers() -> None:
 def test_train_config_validation(fields: dict, message: str) -> None:
     with pytest.raises(LoRA2Error, match=message):
         TrainConfig(**fields)
+
+
+@pytest.mark.skipif("prodigy" not in available_optimizers(), reason="prodigyopt is not installed")
+def test_prodigy_trains_through_resizes(caplog: pytest.LogCaptureFixture) -> None:
+    """Prodigy keeps extra per-element state (p0, s); resizes must carry it like Adam's moments."""
+    from comfyui_lora2.lora2 import rank as R
+
+    unet = tiny_unet()
+    _, _, batches = data()
+    trainer = make_trainer(unet, batches, steps=3, optimizer="prodigy", lr=1.0, nu_lr=1.0, rank_freeze_fraction=0.0)
+    trainer.run()
+    with torch.no_grad():  # ask every component for width 5: the next step() resizes all of them
+        for component in trainer.handle.components.values():
+            component.nu.fill_(R.nu_for_rate(R.rate_for_width(5, 0.85, 1)))
+    trainer.config.steps = 8
+    with caplog.at_level("WARNING"):
+        result = trainer.run()
+    assert "restarts from zero" not in caplog.text  # re-indexed, not dropped
+    assert result.step == 8 and all(torch.isfinite(torch.tensor(result.history.loss)))
+    assert result.history.ranks[2] != result.history.ranks[3]  # the resize happened after step 4
+    for component in trainer.handle.components.values():
+        state = trainer.optimizer.state[component.up]
+        per_element = [v for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
+        assert per_element and all(value.numel() == component.up.numel() for value in per_element)
