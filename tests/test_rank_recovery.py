@@ -61,3 +61,15 @@ def test_reset_moments_ablation_runs_beside_the_default(capsys: pytest.CaptureFi
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(summary["methods"]) == {"lora2", "lora_r4", "lora_r16", "lora_r64", "lora2_reset_moments"}
     assert len(summary["learned"]) == 2
+
+
+def test_sweep_reports_every_run_and_the_acceptance_band(capsys: pytest.CaptureFixture[str]) -> None:
+    from comfyui_lora2.bench import rank_recovery_sweep as sweep
+
+    assert sweep.planted_for(0) == [1, 2, 4, 8, 16, 32]
+    assert all(1 <= r <= 32 for r in sweep.planted_for(3)) and len(sweep.planted_for(3)) == 6
+    assert sweep.within_bounds([1, 8, 32], [2, 10, 50]) and not sweep.within_bounds([8], [15])
+    summary = sweep.main(["--runs", "2", "--steps", "30", "--dim", "64"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["runs"] == 2 and len(last["rows"]) == 2 == summary["runs"]
+    assert {"min_spearman", "all_within_bounds", "max_rel_mse"} <= set(last)
