@@ -228,3 +228,26 @@ def test_prodigy_trains_through_resizes(caplog: pytest.LogCaptureFixture) -> Non
         state = trainer.optimizer.state[component.up]
         per_element = [v for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
         assert per_element and all(value.numel() == component.up.numel() for value in per_element)
+
+
+@pytest.mark.skipif("adamw8bit" not in available_optimizers(), reason="bitsandbytes is not installed")
+def test_adamw8bit_trains_through_resizes() -> None:
+    """8-bit AdamW: small tensors keep per-element state (re-indexed at a resize), large ones block-quantised
+    state (restarted, with a warning); either way training goes on with state shaped like the new factor."""
+    from comfyui_lora2.lora2 import rank as R
+
+    unet = tiny_unet()
+    _, _, batches = data()
+    trainer = make_trainer(unet, batches, steps=3, optimizer="adamw8bit", rank_freeze_fraction=0.0)
+    trainer.run()
+    with torch.no_grad():
+        for component in trainer.handle.components.values():
+            component.nu.fill_(R.nu_for_rate(R.rate_for_width(5, 0.85, 1)))
+    trainer.config.steps = 8
+    result = trainer.run()
+    assert result.step == 8 and all(torch.isfinite(torch.tensor(result.history.loss)))
+    assert result.history.ranks[2] != result.history.ranks[3]
+    for component in trainer.handle.components.values():
+        state = trainer.optimizer.state[component.up]
+        assert state, "the optimizer re-created its state for the resized factor"
+        assert all(v.shape == component.up.shape for k, v in state.items() if k in ("state1", "state2"))
