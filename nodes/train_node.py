@@ -196,7 +196,7 @@ def _train(model, dataset, settings: dict) -> tuple[Adapter, dict]:
             checkpoint_modules=find_blocks(diffusion),
             on_step=host.Progress(train_config.steps),
             should_stop=host.interrupted,
-            on_checkpoint=lambda step, t: _save_checkpoint(model, t, settings, step),
+            on_checkpoint=lambda step, t: _save_checkpoint(model, _adapter(model, t), settings, step),
             eval_batch=eval_batch,
         )
         if resume is not None:
@@ -209,7 +209,7 @@ def _train(model, dataset, settings: dict) -> tuple[Adapter, dict]:
             stopped = True
         adapter = _adapter(model, trainer)
         if stopped:
-            path = _save_checkpoint(model, trainer, settings, trainer.step)
+            path = _save_checkpoint(model, adapter, settings, trainer.step)
             host.log.warning("LoRA² training cancelled at step %d; saved what was trained to %s", trainer.step, path)
             raise comfy.model_management.InterruptProcessingException()
     finally:
@@ -232,7 +232,7 @@ def _adapter(model, trainer: Trainer) -> Adapter:
     return Adapter.from_handle(handle, host.model_family(model), trainer.history.to_dict(), resume)
 
 
-def _save_checkpoint(model, trainer: Trainer, settings: dict, step: int):
+def _save_checkpoint(model, adapter: Adapter, settings: dict, step: int):
     path = host.safe_lora_path(f"{settings['checkpoint_name']}_step{step:06d}")
-    save_adapter(path, _adapter(model, trainer), host.kohya_key_for(model))
+    save_adapter(path, adapter, host.kohya_key_for(model))
     return path
