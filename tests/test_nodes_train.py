@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from support.comfy_host import ComfyHost, run_prompt
 from support.layout import MISSING_HOST_REASON, host_available
-from support.prompts import ksampler, lora2_dataset
+from support.prompts import ksampler, lora2_dataset, lora2_train
 
 pytest_plugins = ["support.fixtures"]
 pytestmark = pytest.mark.skipif(not host_available(), reason=MISSING_HOST_REASON)
@@ -42,34 +42,20 @@ def subject(comfy_host: ComfyHost) -> Path:
 
 
 def training_prompt(family: str, steps: int = 20, **train_overrides) -> dict:
-    train_inputs = {
-        "model": ["model", 0],
-        "dataset": ["dataset", 0],
+    settings = {
         "steps": steps,
         "batch_size": 2,
         "learning_rate": 1e-2,
         "rank_learning_rate": 0.1,
-        "optimizer": "adamw",
-        "init_rank": 4,
         "max_rank": 16,
-        "targets": "attn",
-        "custom_targets": "",
-        "importance_mass": 0.85,
-        "prior_strength": 1e-4,
-        "seed": 0,
-        "training_dtype": "float32",
-        "gradient_checkpointing": False,
-        "save_every": 0,
         "checkpoint_name": f"lora2/{family}_checkpoint",
-        "resume": "none",
     }
-    train_inputs.update(train_overrides)
     return {
         "model": {"class_type": "TestTinyModel", "inputs": {"family": family, "seed": 0}},
         "vae": {"class_type": "TestTinyVAE", "inputs": {"family": VAE_CHANNELS[family], "seed": 0}},
         "cond": {"class_type": "TestRandomConditioning", "inputs": {"family": family, "seed": 1, "batch": 1}},
         "dataset": lora2_dataset(["vae", 0], ["cond", 0], trigger="sks dog", flip=True),
-        "train": {"class_type": "LoRA2Train", "inputs": train_inputs},
+        "train": lora2_train(["model", 0], ["dataset", 0], **{**settings, **train_overrides}),
         "apply": {
             "class_type": "LoRA2Apply",
             "inputs": {"model": ["model", 0], "adapter": ["train", 1], "strength": 1.0},

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from support.comfy_server import ComfyServer
 from support.layout import MISSING_HOST_REASON, host_available
-from support.prompts import ksampler, lora2_dataset
+from support.prompts import ksampler, lora2_dataset, lora2_train
 
 pytest_plugins = ["support.fixtures"]
 pytestmark = pytest.mark.skipif(not host_available(), reason=MISSING_HOST_REASON)
@@ -49,30 +49,7 @@ def test_training_graph_runs_on_the_real_server(comfy_server: ComfyServer, comfy
         "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "tiny_taesd.safetensors"}},
         "cond": {"class_type": "LotusConditioning", "inputs": {}},
         "dataset": lora2_dataset(["vae", 0], ["cond", 0]),
-        "train": {
-            "class_type": "LoRA2Train",
-            "inputs": {
-                "model": ["unet", 0],
-                "dataset": ["dataset", 0],
-                "steps": 3,
-                "batch_size": 1,
-                "learning_rate": 1e-3,
-                "rank_learning_rate": 0.05,
-                "optimizer": "adamw",
-                "init_rank": 4,
-                "max_rank": 8,
-                "targets": "attn",
-                "custom_targets": "",
-                "importance_mass": 0.85,
-                "prior_strength": 1e-4,
-                "seed": 0,
-                "training_dtype": "float32",
-                "gradient_checkpointing": True,
-                "save_every": 0,
-                "checkpoint_name": "lora2/server",
-                "resume": "none",
-            },
-        },
+        "train": lora2_train(["unet", 0], ["dataset", 0], gradient_checkpointing=True, checkpoint_name="lora2/server"),
         "save": {
             "class_type": "LoRA2Save",
             "inputs": {

@@ -47,3 +47,30 @@ def lora2_dataset(vae: Link, conditioning: Link, *, folder: str = "subject", **o
     }
     inputs.update(overrides)
     return {"class_type": "LoRA2Dataset", "inputs": inputs}
+
+
+def lora2_train(model: Link, dataset: Link, **overrides: Any) -> dict[str, Any]:
+    """A ``LoRA2Train`` node for tiny runs: a few float32 steps that let ranks move; override anything."""
+    inputs = {
+        "model": model,
+        "dataset": dataset,
+        "steps": 3,
+        "batch_size": 1,
+        "learning_rate": 1e-3,
+        "rank_learning_rate": 0.05,
+        "optimizer": "adamw",
+        "init_rank": 4,
+        "max_rank": 8,
+        "targets": "attn",
+        "custom_targets": "",
+        "importance_mass": 0.85,
+        "prior_strength": 1e-4,
+        "seed": 0,
+        "training_dtype": "float32",
+        "gradient_checkpointing": False,
+        "save_every": 0,
+        "checkpoint_name": "lora2/checkpoint",
+        "resume": "none",
+    }
+    inputs.update(overrides)
+    return {"class_type": "LoRA2Train", "inputs": inputs}
