@@ -4,10 +4,22 @@ Layout: a folder of images, optionally in kohya-style repeat sub-folders ``N_nam
 every image inside counts 10 times per epoch, and ``sks dog`` is its class prompt). Folders are read
 recursively; an image takes its repeats from the nearest ``N_name`` folder above it (1 if none).
 Names starting with ``.`` are skipped, so a cache folder inside the dataset is never read as data.
+Images are ``.png .jpg .jpeg .webp .bmp .gif .tif .tiff`` (GIF and TIFF: the first frame); files in
+formats Pillow cannot read (``.heic``, ``.avif``, camera raw, ...) are listed in a warning, not skipped
+silently.
+
+Where a dataset may come from (:func:`resolve_folder`), aligned with ComfyUI's own dataset nodes
+(``secure_subfolder_path`` and the ``datasets`` folder type of ComfyUI 0.33): a folder name under one of
+the allowed roots (the input folder, then every ``datasets`` folder), never escaping it through ``..``
+or a symlink; an absolute path only inside those roots, unless the machine's owner opted in (the node
+reads an environment variable; a workflow cannot opt in for them). Inside the dataset folder, a
+symlinked image, caption or sub-folder is followed only while it stays inside the folder; one that
+points out is an error naming the link, never a silent read or a silent skip.
 
 Caption of an image, first that applies:
 
-1. ``<image stem>.txt`` beside it (UTF-8; an empty file falls through; whitespace runs become one space);
+1. ``<image stem>.txt`` beside it (UTF-8, or UTF-16/UTF-32 with a byte-order mark as Windows Notepad
+   writes it; an empty file falls through; whitespace runs become one space);
 2. the caption template, e.g. ``"a photo of {trigger}"``;
 3. the repeat folder's name (kohya's class/instance prompt);
 
@@ -18,16 +30,30 @@ a placeholder with nothing to fill it is an error rather than a caption silently
 
 from __future__ import annotations
 
+import codecs
+import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .errors import LoRA2Error
+from .paths import is_inside
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+log = logging.getLogger("LoRA²")
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+UNREADABLE_IMAGES = (".heic", ".heif", ".avif", ".jxl", ".jp2", ".svg", ".psd", ".raw", ".cr2", ".nef", ".arw", ".dng")
+"""Image formats Pillow cannot decode here: named in a warning when a dataset holds them."""
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),  # before UTF-16 LE, whose mark is its prefix
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
 PLACEHOLDER = re.compile(r"\{(\w*)\}")
 PLACEHOLDERS = ("trigger", "class")
@@ -51,29 +77,52 @@ class ImageItem:
     """Where the caption came from: ``file``, ``template`` or ``folder``."""
 
 
-def resolve_folder(name_or_path: str, input_root: Path) -> Path:
-    """The dataset folder for a node's text field: an absolute path, or a name under ``input_root``.
+def resolve_folder(
+    name_or_path: str, roots: Path | Sequence[Path], allow_absolute: bool = False, opt_in_hint: str = ""
+) -> Path:
+    """The dataset folder for a node's text field (see the module docstring for the policy).
 
-    A relative name must stay inside ``input_root`` after ``..`` and symlinks are resolved, so a
-    workflow shared with someone cannot read folders elsewhere on their disk by a relative name.
+    Args:
+        roots: where dataset names are looked up, in order (the input folder first, then ``datasets``).
+        allow_absolute: the machine's owner allows absolute paths outside ``roots``.
+        opt_in_hint: how to allow them, for the error message.
     """
+    roots = [Path(roots)] if isinstance(roots, (str, os.PathLike)) else [Path(r) for r in roots]
     text = name_or_path.strip()
     if not text:
-        raise LoRA2Error(f"the dataset folder is empty; type a folder name under '{input_root}' or an absolute path")
+        raise LoRA2Error(f"the dataset folder is empty; type a folder name under '{roots[0]}'")
+    if "\x00" in text:
+        raise LoRA2Error(f"dataset folder {text!r} contains a NUL character")
     given = Path(text).expanduser()
-    if given.is_absolute():
-        folder = given.resolve()
-    else:
-        root = Path(input_root).resolve()
-        folder = (root / given).resolve()
-        if not folder.is_relative_to(root):
-            raise LoRA2Error(
-                f"dataset folder '{text}' points outside the input folder '{root}' (through '..' or a symlink); "
-                "use a folder inside it, or give an absolute path"
-            )
+    folder = _absolute_folder(given, roots, allow_absolute, opt_in_hint) if given.is_absolute() else None
+    if folder is None:
+        folder = _named_folder(text, given, roots)
     if not folder.is_dir():
         raise LoRA2Error(f"dataset folder '{folder}' does not exist or is not a folder")
     return folder
+
+
+def _absolute_folder(given: Path, roots: list[Path], allow_absolute: bool, opt_in_hint: str) -> Path:
+    if allow_absolute or any(is_inside(given, root) for root in roots):
+        return Path(os.path.realpath(given))
+    places = " or ".join(f"'{root}'" for root in roots)
+    raise LoRA2Error(
+        f"dataset folder '{given}' is outside {places}; a workflow may only read folders there. Move or link the "
+        f"images into one of them and type the folder's name{opt_in_hint}"
+    )
+
+
+def _named_folder(text: str, given: Path, roots: list[Path]) -> Path:
+    for root in roots:
+        candidate = root / given
+        if not is_inside(candidate, root):
+            raise LoRA2Error(
+                f"dataset folder '{text}' points outside '{root}' (through '..' or a symlink); use a folder inside it"
+            )
+        if candidate.is_dir():
+            return Path(os.path.realpath(candidate))
+    places = ", ".join(f"'{root}'" for root in roots)
+    raise LoRA2Error(f"dataset folder '{text}' does not exist in {places}; check the name")
 
 
 def scan_folder(folder: Path, caption_template: str | None, trigger: str) -> list[ImageItem]:
@@ -91,13 +140,45 @@ def scan_folder(folder: Path, caption_template: str | None, trigger: str) -> lis
     return [_item(path, folder, template, trigger) for path in found]
 
 
+def _check_link(path: Path, root: Path, what: str) -> None:
+    """A symlink inside the dataset may point anywhere inside it, nowhere else."""
+    if path.is_symlink() and not is_inside(path, root):
+        raise LoRA2Error(
+            f"the {what} '{path}' is a symlink to '{os.path.realpath(path)}', outside the dataset folder "
+            f"'{root}'; copy the files into the folder instead"
+        )
+
+
 def _image_paths(folder: Path) -> list[Path]:
-    paths = []
-    for directory, subdirs, files in os.walk(folder):
-        subdirs[:] = [name for name in subdirs if not name.startswith(".")]
-        for name in files:
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+    """Every image under ``folder``, following symlinked sub-folders that stay inside (each real folder once)."""
+    root = Path(os.path.realpath(folder))
+    paths, unreadable, seen = [], [], set()
+    for directory, subdirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in seen:  # a symlink loop, or a second link to one folder
+            subdirs[:] = []
+            continue
+        seen.add(real)
+        subdirs[:] = sorted(name for name in subdirs if not name.startswith("."))
+        for name in subdirs:
+            _check_link(Path(directory) / name, root, "sub-folder")
+        for name in sorted(files):
+            suffix = Path(name).suffix.lower()
+            if name.startswith("."):
+                continue
+            if suffix in IMAGE_EXTENSIONS:
+                _check_link(Path(directory) / name, root, "image")
                 paths.append(Path(directory) / name)
+            elif suffix in UNREADABLE_IMAGES:
+                unreadable.append(name)
+    if unreadable:
+        log.warning(
+            "LoRA² Dataset: %d files in '%s' are in formats that cannot be read and are left out (%s); convert "
+            "them to PNG or JPEG to train on them",
+            len(unreadable),
+            folder,
+            ", ".join(unreadable[:5]) + (", ..." if len(unreadable) > 5 else ""),
+        )
     return paths
 
 
@@ -142,10 +223,23 @@ def _read_caption(path: Path) -> str:
     caption_path = path.with_suffix(".txt")
     if not caption_path.is_file():
         return ""
+    _check_link(caption_path, Path(os.path.realpath(path.parent)), "caption file")
     try:
-        return caption_path.read_text(encoding="utf-8-sig").strip()
+        return decode_caption(caption_path.read_bytes()).strip()
+    except OSError as exc:
+        raise LoRA2Error(f"caption file '{caption_path}' cannot be read ({exc})") from exc
     except UnicodeDecodeError as exc:
-        raise LoRA2Error(f"caption file '{caption_path}' is not UTF-8 text ({exc}); save it as UTF-8") from exc
+        raise LoRA2Error(
+            f"caption file '{caption_path}' is not UTF-8 text ({exc}); save it as UTF-8 (or UTF-16 with a BOM)"
+        ) from exc
+
+
+def decode_caption(data: bytes) -> str:
+    """Caption text: UTF-16/UTF-32 when a byte-order mark says so, else UTF-8 (with or without its BOM)."""
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            return data.decode(encoding)
+    return data.decode("utf-8-sig")
 
 
 def _check_template(template: str) -> None:
@@ -161,8 +255,9 @@ def image_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as image:
             width, height = image.size
             # JPEG and WebP keep EXIF in the header; PNG's getexif() would decode the whole image
-            exif_in_header = image.format in ("JPEG", "MPO", "WEBP")
+            exif_in_header = image.format in ("JPEG", "MPO", "WEBP", "TIFF")
             orientation = image.getexif().get(_ORIENTATION_TAG, 1) if exif_in_header else 1
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
-        raise LoRA2Error(f"image '{path}' cannot be read ({exc}); replace or remove it") from exc
+    except Exception as exc:  # Pillow's decoders raise many types on damaged files; each one means "unreadable"
+        reason = f"{type(exc).__name__}: {exc}"
+        raise LoRA2Error(f"image '{path}' cannot be read ({reason}); replace or remove it") from exc
     return (height, width) if orientation in _TRANSPOSED_ORIENTATIONS else (width, height)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from .errors import LoRA2Error
 
@@ -63,8 +63,9 @@ def load_image(path: Path) -> Image.Image:
             image = ImageOps.exif_transpose(opened)
             image.load()
             return to_rgb(image)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
-        raise LoRA2Error(f"image '{path}' cannot be decoded ({exc}); replace or remove it") from exc
+    except Exception as exc:  # Pillow's decoders raise many types on damaged files; each one means "unreadable"
+        reason = f"{type(exc).__name__}: {exc}"
+        raise LoRA2Error(f"image '{path}' cannot be decoded ({reason}); replace or remove it") from exc
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -9,7 +9,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..lora2.dataset import DatasetSpec, MemoryCache, build_dataset, resolve_folder, scan_folder
+from ..lora2.dataset import DatasetSpec, MemoryCache, build_dataset, scan_folder
 from ..lora2.errors import LoRA2Error
 from . import host
 from .types import CATEGORY, Dataset
@@ -31,14 +31,15 @@ class LoRA2Dataset(io.ComfyNode):
             node_id="LoRA2Dataset",
             display_name="LoRA² Dataset",
             category=CATEGORY,
-            description="Reads a folder of images (png/jpg/webp) with optional same-name .txt captions or kohya "
-            "'N_name' repeat folders, buckets them by aspect ratio, and encodes them once with the VAE and "
-            "CLIP (cached in memory and on disk).",
+            description="Reads a folder of images (png/jpg/webp/bmp/gif/tiff) with optional same-name .txt "
+            "captions or kohya 'N_name' repeat folders, buckets them by aspect ratio, and encodes them once with the "
+            "VAE and CLIP (cached in memory and on disk).",
             inputs=[
                 io.String.Input(
                     "folder",
                     default="lora2_subject",
-                    tooltip="A folder under ComfyUI's input directory, or an absolute path.",
+                    tooltip="A folder under ComfyUI's input (or datasets) directory; absolute paths only inside "
+                    "those, unless ComfyUI was started with COMFYUI_LORA2_ANY_DATASET_PATH=1.",
                 ),
                 io.Vae.Input("vae", tooltip="The VAE that encodes the images (the model's own)."),
                 io.Clip.Input("clip", optional=True, tooltip="Text encoder for the captions."),
@@ -101,7 +102,7 @@ class LoRA2Dataset(io.ComfyNode):
     ) -> io.NodeOutput:
         if clip is None and conditioning is None:
             raise LoRA2Error("LoRA² Dataset needs a CLIP (to encode captions) or a ready CONDITIONING input")
-        root = resolve_folder(folder, Path(folder_paths.get_input_directory()))
+        root = host.dataset_folder(folder)
         items = scan_folder(root, caption_template, trigger)
         spec = DatasetSpec(
             resolution=resolution,

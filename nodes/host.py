@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import re
+import unicodedata
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,9 +26,11 @@ import torch
 from comfy.weight_adapter.lora import LoRAAdapter
 
 from ..lora2.adapter import Adapter
+from ..lora2.dataset_files import resolve_folder
 from ..lora2.errors import LoRA2Error
-from ..lora2.lora_file import file_factors, is_foreign_key
+from ..lora2.lora_file import STATE_SUFFIX, file_factors, is_foreign_key, state_path
 from ..lora2.noise import DenoisedRule
+from ..lora2.paths import check_name_length, inside, is_inside, remove_orphan_temporaries
 
 log = logging.getLogger("LoRA²")
 
@@ -264,12 +268,27 @@ def apply_adapter(model, adapter: Adapter, strength: float):
     return clone
 
 
+def diffusers_names(unet_config: dict) -> dict[str, str]:
+    """ComfyUI UNet module path -> its diffusers name, for modules that have exactly one.
+
+    ComfyUI's table gives SDXL's added-conditioning MLP two diffusers names (``label_emb.0.0`` is
+    ``add_embedding.linear_1`` in SDXL and ``class_embedding.linear_1`` in other UNets); such modules keep
+    their own path, ``lora_unet_label_emb_0_0``, which is what kohya writes for SDXL and what diffusers'
+    converter maps to ``add_embedding`` (a guessed diffusers name would be dropped by one of them).
+    """
+    if "num_res_blocks" not in unet_config:
+        return {}
+    names: dict[str, set[str]] = {}
+    for diffusers_key, comfy_key in comfy.utils.unet_to_diffusers(unet_config).items():
+        if diffusers_key.endswith(".weight"):
+            names.setdefault(comfy_key[: -len(".weight")], set()).add(diffusers_key[: -len(".weight")])
+    return {module: next(iter(found)) for module, found in names.items() if len(found) == 1}
+
+
 def kohya_key_for(model) -> Callable[[str], str]:
     """Component name -> kohya LoRA key: diffusers-derived names for UNets (what A1111, kohya and
     diffusers read), ``lora_unet_<module path>`` otherwise; ComfyUI maps both back to the weight."""
-    unet_config = base_model(model).model_config.unet_config
-    diffusers = comfy.utils.unet_to_diffusers(unet_config) if "num_res_blocks" in unet_config else {}
-    by_module = {v[: -len(".weight")]: k[: -len(".weight")] for k, v in diffusers.items() if k.endswith(".weight")}
+    by_module = diffusers_names(base_model(model).model_config.unet_config)
 
     def key_for(component: str) -> str:
         if is_foreign_key(component):
@@ -286,24 +305,64 @@ def lora_key_map(model) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- files
-_UNSAFE = re.compile(r"[^A-Za-z0-9 _.\-]+")
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f<>:"|?*]+')
+"""Characters no file system (or no shell-safe name) takes; letters of every script are kept."""
+_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
+"""Windows device names, which cannot be file names there whatever the extension."""
+LORA_SUFFIXES = (".safetensors", STATE_SUFFIX)
 
 
 def loras_dir() -> Path:
     return Path(folder_paths.get_folder_paths("loras")[0])
 
 
+def _name_part(part: str) -> str:
+    part = _UNSAFE.sub("_", unicodedata.normalize("NFC", part)).strip(" .")
+    return f"_{part}" if part.split(".")[0].lower() in _RESERVED else part
+
+
 def safe_lora_path(name: str, suffix: str = ".safetensors") -> Path:
-    """``models/loras/<name><suffix>`` with the name sanitised; sub-folders allowed, never outside."""
+    """``models/loras/<name><suffix>``, sub-folders allowed, never outside; any script's letters are kept.
+
+    Only characters file systems refuse (``<>:"|?*``, control characters) become ``_``, so ``日本語`` and
+    ``中文`` stay two names. A name longer than the file system takes is refused, not cut.
+    """
     root = loras_dir().resolve()
-    parts = [_UNSAFE.sub("_", part).strip(" .") for part in re.split(r"[\\/]+", name) if part.strip(" .")]
+    parts = [_name_part(part) for part in re.split(r"[\\/]+", name) if part.strip(" .")]
+    parts = [part for part in parts if part]
     if not parts:
         raise LoRA2Error(f"file name {name!r} is empty after removing unsafe characters; use letters and digits")
-    parts[-1] = parts[-1].removesuffix(".safetensors").removesuffix(".lora2state") + suffix
-    path = root.joinpath(*parts).resolve()
-    if root not in path.parents:
-        raise LoRA2Error(f"file name {name!r} points outside the loras folder")
-    return path
+    stem = parts[-1]
+    for known in LORA_SUFFIXES:
+        stem = stem.removesuffix(known)
+    parts[-1] = stem + suffix
+    path = root.joinpath(*parts)
+    for part in parts:
+        check_name_length(Path(part), "file name")
+    return inside(path, root, f"file name {name!r}")
+
+
+def save_path(name: str, overwrite: bool) -> tuple[Path, str | None]:
+    """Where LoRA² Save writes ``name``, and a note when that is not the name asked for.
+
+    A LoRA and its ``.lora2state`` are one pair: with ``overwrite`` off, a name is taken when either
+    file exists, and the first free ``<name>_2``, ``<name>_3``, ... is used instead (nothing replaced,
+    and no old state ever sits beside the new file).
+    """
+    path = safe_lora_path(name)
+    if overwrite or not _taken(path):
+        return path, None
+    stem = path.name[: -len(".safetensors")]
+    for number in range(2, 10_000):
+        candidate = path.with_name(f"{stem}_{number}.safetensors")
+        check_name_length(candidate, "numbered file name")
+        if not _taken(candidate):
+            return candidate, f"'{path.name}' already exists (overwrite is off): saved as '{candidate.name}'"
+    raise LoRA2Error(f"'{path}' and 10,000 numbered variants exist; choose another name or turn overwrite on")
+
+
+def _taken(path: Path) -> bool:
+    return path.exists() or state_path(path).exists()
 
 
 def lora_file(name: str) -> Path:
@@ -320,16 +379,54 @@ def resume_choices() -> list[str]:
     for root in folder_paths.get_folder_paths("loras"):
         base = Path(root)
         if base.is_dir():
-            names += sorted(str(p.relative_to(base)) for p in base.rglob("*.lora2state"))
+            names += sorted(str(p.relative_to(base)) for p in base.rglob("*" + STATE_SUFFIX))
     return ["none", *names]
 
 
 def resume_path(name: str) -> Path:
+    """The ``.lora2state`` named ``name`` in one of the loras folders (never a path outside them)."""
     for root in folder_paths.get_folder_paths("loras"):
-        candidate = (Path(root) / name).resolve()
-        if Path(root).resolve() in candidate.parents and candidate.is_file():
-            return candidate
+        candidate = Path(root) / name
+        if is_inside(candidate, root) and candidate.is_file():
+            return Path(os.path.realpath(candidate))
     raise LoRA2Error(f"no training state '{name}' in models/loras")
+
+
+ANY_DATASET_PATH = "COMFYUI_LORA2_ANY_DATASET_PATH"
+"""Set to 1 (in the environment ComfyUI starts in) to let LoRA² Dataset read absolute paths anywhere."""
+
+
+def dataset_roots() -> list[Path]:
+    """Where LoRA² Dataset looks up folder names: ComfyUI's input folder, then its ``datasets`` folders.
+
+    ComfyUI 0.33 has a ``datasets`` folder type (``<base>/datasets``, more through extra_model_paths.yaml);
+    older hosts such as 0.3.75 do not, and get the same default folder, so one workflow works on both.
+    """
+    if "datasets" in folder_paths.folder_names_and_paths:
+        datasets = folder_paths.get_folder_paths("datasets")
+    else:
+        datasets = [os.path.join(folder_paths.base_path, "datasets")]
+    return [Path(folder_paths.get_input_directory()), *(Path(p) for p in datasets)]
+
+
+def dataset_folder(name: str) -> Path:
+    """The folder LoRA² Dataset reads for ``name`` (absolute paths outside the roots only when opted in)."""
+    allowed = os.environ.get(ANY_DATASET_PATH, "").strip().lower() in ("1", "true", "yes")
+    hint = f", add its folder under 'datasets:' in extra_model_paths.yaml, or start ComfyUI with {ANY_DATASET_PATH}=1"
+    return resolve_folder(name, dataset_roots(), allow_absolute=allowed, opt_in_hint=hint)
+
+
+def cleanup_orphans() -> list[Path]:
+    """Remove temporary files that interrupted writes left in models/loras and the dataset cache.
+
+    Called once while ComfyUI loads the pack; never raises (see :func:`lora2.paths.remove_orphan_temporaries`).
+    """
+    try:
+        folders = [*folder_paths.get_folder_paths("loras"), str(Path(folder_paths.models_dir) / "lora2_cache")]
+        return remove_orphan_temporaries(folder for folder in folders if os.path.isdir(folder))
+    except Exception as exc:  # start-up must not fail over housekeeping
+        log.warning("LoRA²: skipped the clean-up of unfinished temporary files (%s)", exc)
+        return []
 
 
 # ----------------------------------------------------------------------------- progress and Cancel

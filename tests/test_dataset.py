@@ -154,7 +154,10 @@ def test_empty_folder_corrupt_image_and_zero_repeats(tmp_path: Path) -> None:
     (tmp_path / "empty" / "readme.txt").write_text("x")
     with pytest.raises(LoRA2Error) as error:
         scan_folder(tmp_path / "empty", "x", "")
-    assert str(error.value) == f"dataset folder '{tmp_path / 'empty'}' has no images (looked for .png .jpg .jpeg .webp)"
+    assert (
+        str(error.value)
+        == f"dataset folder '{tmp_path / 'empty'}' has no images (looked for .png .jpg .jpeg .webp .bmp .gif .tif .tiff)"
+    )
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     with pytest.raises(LoRA2Error, match=r"image '.*broken\.png' cannot be read"):
@@ -186,16 +189,54 @@ def test_resolve_folder_stays_inside_the_input_root(tmp_path: Path) -> None:
     (root / "dogs").mkdir(parents=True)
     (tmp_path / "secret").mkdir()
     assert resolve_folder("dogs", root) == (root / "dogs").resolve()
-    assert resolve_folder(f"  {tmp_path / 'secret'} ", root) == (tmp_path / "secret").resolve()  # absolute: allowed
-    with pytest.raises(LoRA2Error, match=r"'\.\./secret' points outside the input folder"):
+    assert resolve_folder(str(root / "dogs"), root) == (root / "dogs").resolve()  # absolute inside: allowed
+    with pytest.raises(LoRA2Error, match="is outside"):
+        resolve_folder(f"  {tmp_path / 'secret'} ", root)  # absolute outside: only with the opt-in
+    assert resolve_folder(str(tmp_path / "secret"), root, allow_absolute=True) == (tmp_path / "secret").resolve()
+    with pytest.raises(LoRA2Error, match=r"'\.\./secret' points outside"):
         resolve_folder("../secret", root)
     os.symlink(tmp_path / "secret", root / "link")
-    with pytest.raises(LoRA2Error, match="'link' points outside the input folder"):
+    with pytest.raises(LoRA2Error, match="'link' points outside"):
         resolve_folder("link", root)
     with pytest.raises(LoRA2Error, match="does not exist"):
         resolve_folder("cats", root)
     with pytest.raises(LoRA2Error, match="dataset folder is empty"):
         resolve_folder(" ", root)
+    datasets = tmp_path / "datasets"
+    (datasets / "cats").mkdir(parents=True)
+    assert resolve_folder("cats", [root, datasets]) == (datasets / "cats").resolve()  # ComfyUI's datasets type
+
+
+def test_symlinks_out_of_the_dataset_are_refused_inside_followed(tmp_path: Path) -> None:
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    write_image(data / "a.png", (8, 8))
+    write_image(outside / "b.png", (8, 8))
+    os.symlink(outside / "b.png", data / "leak.png")
+    with pytest.raises(LoRA2Error, match=r"image '.*leak\.png' is a symlink to .*outside the dataset folder"):
+        scan_folder(data, "x", "")
+    (data / "leak.png").unlink()
+    os.symlink(outside, data / "more")
+    with pytest.raises(LoRA2Error, match=r"sub-folder '.*more' is a symlink"):
+        scan_folder(data, "x", "")
+    (data / "more").unlink()
+    write_image(data / "real" / "c.png", (8, 8))
+    os.symlink(data / "real", data / "alias")  # inside: followed, each real folder once
+    os.symlink(data, data / "real" / "loop")  # a loop ends
+    names = sorted(item.path.name for item in scan_folder(data, "x", ""))
+    assert names == ["a.png", "c.png"]
+
+
+def test_utf16_captions_and_more_image_formats(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    for suffix in ("bmp", "gif", "tiff"):
+        Image.new("RGB", (8, 8), "red").save(tmp_path / f"x_{suffix}.{suffix}")
+    (tmp_path / "x_bmp.txt").write_bytes("a photo of 日本 dog".encode("utf-16"))  # BOM + UTF-16
+    (tmp_path / "photo.heic").write_bytes(b"\x00" * 10)
+    with caplog.at_level("WARNING"):
+        items = scan_folder(tmp_path, "t", "")
+    assert sorted(i.path.suffix for i in items) == [".bmp", ".gif", ".tiff"]
+    assert next(i for i in items if i.path.suffix == ".bmp").caption == "a photo of 日本 dog"
+    assert "photo.heic" in caplog.text
+    assert all(load_image(i.path).size == (8, 8) for i in items)
 
 
 # --- buckets and pixels ------------------------------------------------------------------------------
