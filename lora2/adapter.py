@@ -21,6 +21,34 @@ from .config import LoRA2Config
 from .errors import LoRA2Error
 
 
+def check_factor_shapes(up: torch.Tensor, down: torch.Tensor, where: str) -> None:
+    """Refuse factors that are not a LoRA pair, with a message naming ``where`` (a file and key).
+
+    What a pair is: ``up`` ``[out, r]`` or ``[out, r, 1, 1]``, ``down`` ``[r, in]`` or ``[r, in, kh, kw]``,
+    floating point, every side at least 1. Checked here, once, because every consumer (apply, heatmap,
+    prune, save) indexes these dimensions and would otherwise fail with an IndexError or a division by
+    zero far from the file that caused it.
+    """
+    for role, tensor in (("up", up), ("down", down)):
+        if not isinstance(tensor, torch.Tensor):
+            raise LoRA2Error(f"{where}: the {role} factor is {type(tensor).__name__}, not a tensor")
+        if tensor.dim() not in (2, 4):
+            raise LoRA2Error(
+                f"{where}: the {role} factor has shape {tuple(tensor.shape)}; LoRA factors are 2-D (linear) "
+                "or 4-D (conv): the file is damaged or not a LoRA"
+            )
+        if not tensor.is_floating_point():
+            raise LoRA2Error(f"{where}: the {role} factor is {tensor.dtype}; LoRA factors are floating point")
+    if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
+        raise LoRA2Error(f"{where}: the up factor {tuple(up.shape)} of a conv LoRA must be [out, rank, 1, 1]")
+    if up.shape[1] != down.shape[0]:
+        raise LoRA2Error(f"{where}: LoRA factors do not chain: up {tuple(up.shape)}, down {tuple(down.shape)}")
+    if down.shape[0] == 0:
+        raise LoRA2Error(f"{where}: the factors have rank 0 (up {tuple(up.shape)}); remove this component")
+    if 0 in up.shape or 0 in down.shape:
+        raise LoRA2Error(f"{where}: the factors up {tuple(up.shape)}, down {tuple(down.shape)} are empty")
+
+
 @dataclass
 class Component:
     """One adapted weight: ``ΔW = up @ down`` reshaped to the weight's shape."""
@@ -33,8 +61,7 @@ class Component:
     """LoRA²'s rank parameter, when the component came from LoRA² training."""
 
     def __post_init__(self) -> None:
-        if self.up.shape[1] != self.down.shape[0]:
-            raise LoRA2Error(f"LoRA factors do not chain: up {tuple(self.up.shape)}, down {tuple(self.down.shape)}")
+        check_factor_shapes(self.up, self.down, "this component")
 
     @property
     def rank(self) -> int:

@@ -11,10 +11,12 @@ is what ComfyUI and diffusers assume too. Formats whose ΔW is not ``up @ down``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
+from .adapter import check_factor_shapes
 from .errors import LoRA2Error
 
 SUFFIXES: tuple[tuple[str, str, str], ...] = (
@@ -56,11 +58,10 @@ def parse_lora(tensors: dict[str, torch.Tensor], source: str = "this file") -> P
             down_key = prefix + down_suffix
             if down_key not in tensors:
                 raise LoRA2Error(f"{source}: {key} has no matching {down_key}")
-            up, down = tensors[key].float(), tensors[down_key].float()
-            if up.shape[1] != down.shape[0]:
-                raise LoRA2Error(f"{source}: {key} {tuple(up.shape)} and {down_key} {tuple(down.shape)} do not chain")
+            up, down = _factors(tensors, key, down_key, source)
             alpha_key = prefix + ".alpha"
-            scale = float(tensors[alpha_key]) / down.shape[0] if alpha_key in tensors else 1.0
+            alpha = _alpha(tensors[alpha_key], f"{source}: '{alpha_key}'") if alpha_key in tensors else None
+            scale = 1.0 if alpha is None else alpha / down.shape[0]
             used.update({key, down_key, alpha_key})
             pairs[prefix] = (up, down, scale)
             formats.append(name)
@@ -70,6 +71,31 @@ def parse_lora(tensors: dict[str, torch.Tensor], source: str = "this file") -> P
     if kind == "kohya" and any(k.startswith("diffusion_model.") for k in pairs):
         kind = "comfyui"
     return ParsedLoRA(pairs, kind, sorted(set(tensors) - used))
+
+
+def _factors(tensors: dict[str, torch.Tensor], up_key: str, down_key: str, source: str) -> tuple[torch.Tensor, ...]:
+    """The pair as float32, refused by file and key when it is not a finite LoRA pair."""
+    up, down = tensors[up_key], tensors[down_key]
+    check_factor_shapes(up, down, f"{source}: '{up_key}' {_shape(up)} / '{down_key}' {_shape(down)}")
+    up, down = up.float(), down.float()
+    for key, tensor in ((up_key, up), (down_key, down)):
+        if not bool(torch.isfinite(tensor).all()):
+            raise LoRA2Error(f"{source}: '{key}' holds NaN or infinite values; the file is damaged, replace it")
+    return up, down
+
+
+def _shape(tensor: object) -> tuple[int, ...] | str:
+    return tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+
+
+def _alpha(tensor: torch.Tensor, where: str) -> float:
+    """A kohya ``.alpha``: one finite number (a vector would scale every rank position differently)."""
+    if not isinstance(tensor, torch.Tensor) or tensor.numel() != 1 or tensor.is_complex():
+        raise LoRA2Error(f"{where} must hold one number, found shape {_shape(tensor)}; the file is damaged")
+    value = float(tensor.double().reshape(()))
+    if not math.isfinite(value):
+        raise LoRA2Error(f"{where} is {value}; alpha must be a finite number")
+    return value
 
 
 def fold_scale(up: torch.Tensor, down: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

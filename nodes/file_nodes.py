@@ -12,6 +12,8 @@ from .types import CATEGORY, Adapter
 
 PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
+host.cleanup_orphans()  # once, while ComfyUI loads the pack: what a write killed mid-way left behind
+
 
 class LoRA2Save(io.ComfyNode):
     @classmethod
@@ -45,7 +47,15 @@ class LoRA2Save(io.ComfyNode):
                 io.Model.Input(
                     "model",
                     optional=True,
-                    tooltip="The model it was trained on: used to write diffusers-style key names for UNets.",
+                    tooltip="The model it was trained on: used to write diffusers-style key names for UNets "
+                    "(keys of a loaded or trained adapter are kept as they were).",
+                ),
+                io.Boolean.Input(
+                    "overwrite",
+                    default=False,
+                    optional=True,
+                    tooltip="Replace an existing file of this name (and its .lora2state). Off: an existing name "
+                    "gets a number (_2, _3, ...) and the output says so.",
                 ),
             ],
             outputs=[io.String.Output("path", display_name="path", tooltip="Where the file was written.")],
@@ -53,14 +63,22 @@ class LoRA2Save(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, adapter, filename: str, save_training_state: bool, precision: str = "float16", model=None
+        cls,
+        adapter,
+        filename: str,
+        save_training_state: bool,
+        precision: str = "float16",
+        model=None,
+        overwrite: bool = False,
     ) -> io.NodeOutput:
-        path = host.safe_lora_path(filename)
+        path, note = host.save_path(filename, overwrite)
         to_save = adapter if save_training_state else _without_resume(adapter)
         key_for = host.kohya_key_for(model) if model is not None else default_key
         save_adapter(path, to_save, key_for, PRECISIONS[precision])
         host.log.info("LoRA² saved %s (%d components, %.2f MB)", path, len(adapter.components), adapter.megabytes())
-        return io.NodeOutput(str(path), ui={"text": [str(path)]})
+        if note:
+            host.log.warning("LoRA² Save: %s", note)
+        return io.NodeOutput(str(path), ui={"text": [str(path) if note is None else f"{path}\n{note}"]})
 
 
 def _without_resume(adapter):

@@ -13,7 +13,8 @@ from ..lora2 import PRESETS, LoRA2Config, attach
 from ..lora2.adapter import Adapter, ResumeState
 from ..lora2.checkpointing import find_blocks
 from ..lora2.errors import LoRA2Error
-from ..lora2.lora_file import load_resume_state, save_adapter
+from ..lora2.lora_file import load_resume_state, save_adapter, with_file_keys
+from ..lora2.resume_check import check_resume_optimizer
 from ..lora2.train import History, TrainConfig, Trainer, available_optimizers
 from . import host
 from .types import CATEGORY, Dataset
@@ -175,6 +176,8 @@ def _train(model, dataset, settings: dict) -> tuple[Adapter, dict]:
     runs the rest of the graph nor caches a half-trained result as this node's output.
     """
     resume = None if settings["resume"] == "none" else load_resume_state(host.resume_path(settings["resume"]))
+    if resume is not None:
+        check_resume_optimizer(resume, settings["optimizer"], settings["resume"])
     lora2_config = LoRA2Config.from_dict(resume.train_config["lora2"]) if resume else _lora2_config(settings)
     train_config = _train_config(settings)
     comfy.model_management.load_models_gpu([model], force_full_load=True)
@@ -229,7 +232,8 @@ def _adapter(model, trainer: Trainer) -> Adapter:
             "history": trainer.history.to_dict(),
         },
     )
-    return Adapter.from_handle(handle, host.model_family(model), trainer.history.to_dict(), resume)
+    adapter = Adapter.from_handle(handle, host.model_family(model), trainer.history.to_dict(), resume)
+    return with_file_keys(adapter, host.kohya_key_for(model))  # the model's names survive a Save without MODEL
 
 
 def _save_checkpoint(model, adapter: Adapter, settings: dict, step: int):
