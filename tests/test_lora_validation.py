@@ -124,7 +124,7 @@ def test_resuming_with_another_optimizer_is_a_clear_error() -> None:
     params[0].grad = torch.ones(3)
     adamw.step()
     state = ResumeState({}, adamw.state_dict(), torch.Generator().get_state(), {"train": {"optimizer": "adamw"}})
-    with pytest.raises(LoRA2Error, match="trained with optimizer 'adamw'.*Set optimizer to 'adamw'"):
+    with pytest.raises(LoRA2Error, match=r"trained with optimizer 'adamw'.*Set optimizer to 'adamw'"):
         check_resume_optimizer(state, "sgd", "run.lora2state")
     check_resume_optimizer(state, "adamw", "run.lora2state")
     legacy = ResumeState({}, adamw.state_dict(), torch.Generator().get_state(), {})  # no recorded name
