@@ -37,6 +37,7 @@ import torch
 from scipy.stats import spearmanr
 
 from ..lora2 import LoRA2Config, LoRA2Handle, attach
+from ..lora2.rank_control import RANK_CONTROLS
 from .teacher import Stack, adapted_layer_names, build_stack, make_teacher
 
 POLISH_FROM = 0.7
@@ -59,18 +60,22 @@ def _exact_names(names: list[str]) -> str:
     return "^(" + "|".join(name.replace(".", r"\.") for name in names) + ")$"
 
 
-def lora2_method(names: list[str], max_rank: int, seed: int) -> Method:
+DEFAULT_LR = 3e-3
+"""Learning rate of the factors for every method (``--lr``); LoRA² must also recover the ranks at 3e-4."""
+
+
+def lora2_method(names: list[str], max_rank: int, seed: int, lr: float = DEFAULT_LR, **overrides) -> Method:
     """LoRA² as the benchmark runs it: narrow start, room to grow, every rank setting at its default."""
-    config = LoRA2Config(targets=_exact_names(names), init_rank=2, max_rank=max_rank, seed=seed)
-    return Method("lora2", config, lr=3e-3, nu_lr=0.1)
+    config = LoRA2Config(targets=_exact_names(names), init_rank=2, max_rank=max_rank, seed=seed, **overrides)
+    return Method("lora2", config, lr=lr, nu_lr=0.1)  # ν's rate matters only to rank_control="gradient"
 
 
-def fixed_method(names: list[str], rank: int, seed: int) -> Method:
+def fixed_method(names: list[str], rank: int, seed: int, lr: float = DEFAULT_LR) -> Method:
     """Plain LoRA at ``rank`` with the usual ``alpha = rank`` (scale 1)."""
     config = LoRA2Config(
         targets=_exact_names(names), init_rank=rank, max_rank=rank, adaptive=False, alpha=float(rank), seed=seed
     )
-    return Method(f"lora_r{rank}", config, lr=3e-3)
+    return Method(f"lora_r{rank}", config, lr=lr)
 
 
 def _cosine(steps: int) -> Callable[[int], float]:
@@ -175,16 +180,20 @@ def run(
     reset_moments_ablation: bool = False,
     supervision: str = "blocks",
     progress: Callable[[str, int], None] | None = None,
+    lr: float = DEFAULT_LR,
+    lora2_overrides: dict | None = None,
 ) -> dict:
     """Train every method against one planted teacher; returns everything the report prints."""
+    lora2_overrides = lora2_overrides or {}
     names = adapted_layer_names(len(true_ranks))
     base = build_stack(dim, len(true_ranks), heads, seed)
     teacher, planted = make_teacher(base, true_ranks, seed)
     eval_x = torch.randn(64, tokens, dim, generator=torch.Generator().manual_seed(seed + 3))
     eval_inputs = layer_inputs(teacher, names, eval_x)
-    methods = [lora2_method(names, max_rank, seed)] + [fixed_method(names, r, seed) for r in fixed_ranks]
+    methods = [lora2_method(names, max_rank, seed, lr, **lora2_overrides)]
+    methods += [fixed_method(names, r, seed, lr) for r in fixed_ranks]
     if reset_moments_ablation:
-        ablation = lora2_method(names, max_rank, seed)
+        ablation = lora2_method(names, max_rank, seed, lr, **lora2_overrides)
         ablation.name, ablation.reset_moments = "lora2_reset_moments", True
         methods.append(ablation)
     results: dict = {"planted": list(true_ranks), "layers": names, "methods": {}}
@@ -263,6 +272,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tokens", type=int, default=16, help="tokens per sequence")
     parser.add_argument("--max-rank", type=int, default=64, help="LoRA² max_rank")
     parser.add_argument("--supervision", choices=("blocks", "output"), default="blocks")
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="factor learning rate of every method")
+    parser.add_argument(
+        "--rank-control",
+        choices=RANK_CONTROLS,
+        default=LoRA2Config().rank_control,
+        help="LoRA²'s rank mechanism (the previous one, 'gradient', as an ablation)",
+    )
     parser.add_argument(
         "--ablation-reset-moments",
         action="store_true",
@@ -287,6 +303,8 @@ def main(argv: list[str] | None = None) -> dict:
         supervision=args.supervision,
         reset_moments_ablation=args.ablation_reset_moments,
         progress=update,
+        lr=args.lr,
+        lora2_overrides={"rank_control": args.rank_control},
     )
     bar.close()
     print(format_table(results))

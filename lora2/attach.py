@@ -30,9 +30,12 @@ from .config import LoRA2Config
 from .errors import LoRA2Error
 from .layers import AdaptiveLoRA, WidthChange
 from .optimizer_state import replace_parameter, zero_positions
+from .rank_control import EvidenceControl
 from .targets import select_targets
 
 STEP_KEY = "__step__"
+SKETCH = "evidence"
+"""Infix of the evidence rule's state keys in :meth:`LoRA2Handle.state_dict`."""
 
 
 def _component_generator(seed: int, name: str) -> torch.Generator:
@@ -54,6 +57,7 @@ class LoRA2Handle:
         self._components: dict[str, AdaptiveLoRA] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._optimizer: torch.optim.Optimizer | None = None
+        self._controls: dict[str, EvidenceControl] = {}
         self._attach()
 
     # ----------------------------------------------------------------- construction
@@ -68,16 +72,21 @@ class LoRA2Handle:
         nu = self._initial_nu()
         for name, layer in select_targets(self.model, cfg.targets, cfg.exclude, cfg.module_types):
             weight = layer.weight
+            generator = _component_generator(cfg.seed, name)
             component = AdaptiveLoRA(
                 layer,
                 width=cfg.init_rank,
                 nu=nu,
                 alpha=cfg.alpha,
                 adaptive=cfg.adaptive,
+                compensate=cfg.compensate_importance,
                 dtype=cfg.torch_dtype,
                 device=weight.device if weight.device.type != "meta" else torch.device("cpu"),
-                generator=_component_generator(cfg.seed, name),
+                generator=generator,
             )
+            if cfg.evidence_driven:
+                component.nu.requires_grad_(False)  # ν follows the width (rank_control.py)
+                self._controls[name] = EvidenceControl(component, layer, cfg, generator)
             self._components[name] = component
             self._hooks.append(layer.register_forward_hook(self._make_hook(component), with_kwargs=True))
 
@@ -149,7 +158,7 @@ class LoRA2Handle:
         components = list(self.components.values())
         factors = [t for c in components for t in (c.down[: c.width], c.up[:, : c.width])]
         total = rank_math.weight_prior(factors, cfg.weight_prior_std).to(components[0].nu.device)
-        if cfg.adaptive and not self.ranks_frozen:
+        if cfg.adaptive and cfg.rank_control == "gradient" and not self.ranks_frozen:
             total = total + rank_math.rank_prior(self.rates(), cfg.prior_mean, cfg.prior_std)
         return cfg.prior_strength * total
 
@@ -166,6 +175,8 @@ class LoRA2Handle:
         self.step_count += 1
         if not cfg.adaptive or self.ranks_frozen:
             return {}
+        if cfg.evidence_driven:
+            return self._evidence_step(optimizer)
         reallocate = self.step_count % cfg.resize_every == 0
         components = self.components
         lams = self.rates().float().cpu().tolist()  # one device sync for all components
@@ -177,12 +188,22 @@ class LoRA2Handle:
             if target == component.width and not (reallocate and component.capacity != target):
                 continue
             change = component.set_width(target, reallocate)
-            if change.silenced is not None:
-                start, stop = change.silenced
-                zero_positions(optimizer, component.up, start, stop, dim=1)
-                zero_positions(optimizer, component.down, start, stop, dim=0)
-            for old, new, dim in change.replaced:
-                replace_parameter(optimizer, old, new, change.kept_index, dim)
+            follow_width_change(optimizer, component, change)
+            changes[name] = change
+        return changes
+
+    def _evidence_step(self, optimizer: torch.optim.Optimizer | None) -> dict[str, WidthChange]:
+        """Every ``decide_every`` steps, let each component's evidence grow or shrink it."""
+        for control in self._controls.values():
+            control.component.observe_token = self.step_count
+        if self.step_count % self.config.decide_every:
+            return {}
+        changes: dict[str, WidthChange] = {}
+        for name, control in self._controls.items():
+            change = control.decide(self.step_count)
+            if change is None:
+                continue
+            follow_width_change(optimizer, control.component, change)
             changes[name] = change
         return changes
 
@@ -226,6 +247,8 @@ class LoRA2Handle:
             state[f"{name}.up"] = component.up.detach().clone()
             state[f"{name}.nu"] = component.nu.detach().clone()
             state[f"{name}.width"] = torch.tensor(component.width, dtype=torch.int64)
+        for name, control in self._controls.items():
+            state.update({f"{name}.{SKETCH}.{k}": v for k, v in control.state_dict().items()})
         return state
 
     def metadata(self) -> dict[str, str]:
@@ -240,7 +263,8 @@ class LoRA2Handle:
         """
         components = self.components
         expected = {STEP_KEY} | {f"{n}.{k}" for n in components for k in ("down", "up", "nu", "width")}
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        sketch_keys = {k for k in state if f".{SKETCH}." in k}
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected - sketch_keys)
         if missing or unexpected:
             raise LoRA2Error(
                 f"LoRA² state does not fit this model/config: missing {missing[:4]}, unexpected {unexpected[:4]}. "
@@ -256,6 +280,10 @@ class LoRA2Handle:
             component.load_factors(down, up)
             component.nu.data = state[f"{name}.nu"].to(component.nu.device, torch.float32).clone()
             component.width = int(state[f"{name}.width"])
+        for name, control in self._controls.items():
+            prefix = f"{name}.{SKETCH}."
+            own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            control.load_state_dict(own)  # an older file without evidence state: the evidence restarts
         self.step_count = int(state[STEP_KEY])
 
     # ----------------------------------------------------------------- teardown
@@ -270,6 +298,16 @@ class LoRA2Handle:
     def _check_attached(self) -> None:
         if getattr(self, "_detached", False):
             raise LoRA2Error("this LoRA² handle was detached; attach again to train or inspect")
+
+
+def follow_width_change(optimizer: torch.optim.Optimizer | None, component: AdaptiveLoRA, change: WidthChange) -> None:
+    """Bring ``optimizer``'s state in line with what :class:`WidthChange` says happened to ``component``."""
+    if change.silenced is not None:
+        start, stop = change.silenced
+        zero_positions(optimizer, component.up, start, stop, dim=1)
+        zero_positions(optimizer, component.down, start, stop, dim=0)
+    for old, new, dim in change.replaced:
+        replace_parameter(optimizer, old, new, change.kept_index, dim)
 
 
 def attach(model: nn.Module, config: LoRA2Config | None = None, **overrides) -> LoRA2Handle:

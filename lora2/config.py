@@ -23,6 +23,7 @@ import torch
 
 from .errors import LoRA2Error
 from .rank import check_mass
+from .rank_control import RANK_CONTROLS
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -75,6 +76,28 @@ class LoRA2Config:
     """Seed of the factors' initialisation (and of new positions when a component grows)."""
     module_types: tuple[str, ...] = field(default=("linear", "conv2d"))
     """Which layer kinds a regular-expression target may pick (presets choose for themselves)."""
+    rank_control: str = "evidence"
+    """How widths change: ``evidence`` (gradient evidence grows, singular values shrink; see
+    ``rank_control.py``) or ``gradient`` (ν by backpropagation against the rank prior; an ablation)."""
+    decide_every: int = 10
+    """Evidence rule: steps between two grow/shrink decisions of every component."""
+    growth_z: float = 4.0
+    """Evidence rule: z-statistic a gradient direction outside the span needs to count as real."""
+    growth_fade: float = 0.02
+    """Evidence rule: a direction also needs this share of the strongest wish the component ever showed."""
+    growth_directions: int = 4
+    """Evidence rule: directions tracked per component, and so the most positions added at once."""
+    evidence_beta: float = 0.9
+    """Evidence rule: EMA factor of the gradient sketch (averages over about (1+β)/(1−β) = 19 steps)."""
+    growth_patience: int = 50
+    """Evidence rule: steps after a growth before the component may shrink (new positions start at 0)."""
+    shrink_ratio: float = 0.05
+    """Evidence rule: a direction of ΔW is dropped below this share of the component's largest one..."""
+    shrink_floor: float = 1e-3
+    """...or below this share of the adapted weight's spectral norm (a ΔW that is nothing next to W)."""
+    compensate_importance: bool = True
+    """Evidence rule: new positions' ``down`` rows are scaled by ``p(0)/p(i)`` so that a tail position
+    learns as fast as the first one (under Adam a position's ΔW moves ∝ alpha·p(i)·‖down row‖)."""
 
     def __post_init__(self) -> None:
         self.module_types = tuple(self.module_types)
@@ -100,9 +123,27 @@ class LoRA2Config:
             raise LoRA2Error(f"prior_strength must be 0 or more, got {self.prior_strength}")
         if self.dtype not in DTYPES:
             raise LoRA2Error(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        self._check_rank_control()
         unknown = set(self.module_types) - {"linear", "conv2d"}
         if unknown:
             raise LoRA2Error(f"module_types may hold 'linear' and 'conv2d', got {sorted(unknown)}")
+
+    def _check_rank_control(self) -> None:
+        if self.rank_control not in RANK_CONTROLS:
+            raise LoRA2Error(f"rank_control must be one of {list(RANK_CONTROLS)}, got {self.rank_control!r}")
+        for name in ("decide_every", "growth_directions"):
+            if getattr(self, name) < 1:
+                raise LoRA2Error(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 < self.evidence_beta < 1.0:
+            raise LoRA2Error(f"evidence_beta must lie strictly between 0 and 1, got {self.evidence_beta}")
+        for name in ("growth_z", "growth_fade", "growth_patience", "shrink_ratio", "shrink_floor"):
+            if getattr(self, name) < 0:
+                raise LoRA2Error(f"{name} must be 0 or more, got {getattr(self, name)}")
+
+    @property
+    def evidence_driven(self) -> bool:
+        """Widths follow gradient evidence (ν then follows the width instead of being learned)."""
+        return self.adaptive and self.rank_control == "evidence"
 
     @property
     def torch_dtype(self) -> torch.dtype:

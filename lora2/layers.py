@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import rank as rank_math
+from .growth import GradientSketch
+from .spectrum import factor_svd
 
 
 class AdaptiveLoRA(nn.Module):
@@ -37,6 +39,7 @@ class AdaptiveLoRA(nn.Module):
         nu: starting ν (ignored when not adaptive).
         alpha: output scale; plain LoRA's scale ``alpha / rank`` comes out of ``p = 1/rank``.
         adaptive: learn ν and follow it, or keep the width fixed with equal weights.
+        compensate: rows written by rank control get norms ``∝ p(0)/p(i)`` (see :meth:`row_norms`).
         dtype, device: storage of the factors.
         generator: seeds the initial ``down`` rows and every row added later.
     """
@@ -49,6 +52,7 @@ class AdaptiveLoRA(nn.Module):
         nu: float,
         alpha: float,
         adaptive: bool,
+        compensate: bool = False,
         dtype: torch.dtype,
         device: torch.device,
         generator: torch.Generator,
@@ -70,17 +74,28 @@ class AdaptiveLoRA(nn.Module):
         self.out_features = out_features
         self.alpha = float(alpha)
         self.adaptive = adaptive
+        self.compensate = compensate
         self.generator = generator
         self.width = int(width)
         self.down = nn.Parameter(self._new_down_rows(self.width, dtype, device))
         self.up = nn.Parameter(torch.zeros(self._up_shape(self.width), dtype=dtype, device=device))
         self.nu = nn.Parameter(torch.tensor(float(nu), dtype=torch.float32, device=device), requires_grad=adaptive)
+        self.sketch: GradientSketch | None = None
+        """Set by the handle when widths follow gradient evidence; fed from the backward pass."""
+        self.observe_token: object = None
+        """Changes once per optimizer step: the sketch takes one gradient per step (not a recomputation's)."""
+        self._observed_token: object = None
 
     # ----------------------------------------------------------------- shapes and initialisation
     @property
     def capacity(self) -> int:
         """Positions held in storage (≥ ``width``)."""
         return self.down.shape[0]
+
+    @property
+    def sketchable(self) -> bool:
+        """Whether the gradient sketch can read this layer (string paddings such as 'same' cannot be unfolded)."""
+        return not self.is_conv or not isinstance(self.conv_kwargs["padding"], str)
 
     @property
     def fan_in(self) -> int:
@@ -118,13 +133,41 @@ class AdaptiveLoRA(nn.Module):
         down = self.down[: self.width].to(compute_dtype)
         up = self.up[:, : self.width].to(compute_dtype)
         if not self.is_conv:
-            return F.linear(F.linear(x, down) * scale, up)
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding, mode=self.padding_mode)
-            hidden = F.conv2d(x, down, stride=self.conv_kwargs["stride"], dilation=self.conv_kwargs["dilation"])
+            out = F.linear(F.linear(x, down) * scale, up)
+        elif self.padding_mode != "zeros":
+            padded = F.pad(x, self._reversed_padding, mode=self.padding_mode)
+            hidden = F.conv2d(padded, down, stride=self.conv_kwargs["stride"], dilation=self.conv_kwargs["dilation"])
+            out = F.conv2d(hidden * scale.view(1, -1, 1, 1), up)
         else:
-            hidden = F.conv2d(x, down, **self.conv_kwargs)
-        return F.conv2d(hidden * scale.view(1, -1, 1, 1), up)
+            out = F.conv2d(F.conv2d(x, down, **self.conv_kwargs) * scale.view(1, -1, 1, 1), up)
+        if self.sketch is not None and out.requires_grad and self._observed_token is not self.observe_token:
+            self._observed_token = self.observe_token
+            inputs = x.detach()
+            out.register_hook(lambda grad: self._observe(inputs, grad))
+        return out
+
+    def _observe(self, x: torch.Tensor, grad: torch.Tensor) -> None:
+        """Hand the sketch this step's inputs and output gradients as rows (``G = δᵀx``)."""
+        if self.sketch is None:
+            return
+        if not self.is_conv:
+            rows, deltas = x.reshape(-1, self.in_features), grad.reshape(-1, self.out_features)
+        else:
+            if self.padding_mode != "zeros":
+                x = F.pad(x, self._reversed_padding, mode=self.padding_mode)
+                padding = 0
+            else:
+                padding = self.conv_kwargs["padding"]
+            patches = F.unfold(
+                x.float(),
+                self.kernel_size,
+                dilation=self.conv_kwargs["dilation"],
+                padding=padding,
+                stride=self.conv_kwargs["stride"],
+            )
+            rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+            deltas = grad.flatten(2).transpose(1, 2).reshape(-1, self.out_features)
+        self.sketch.observe(rows, deltas)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
@@ -145,15 +188,17 @@ class AdaptiveLoRA(nn.Module):
 
     # ----------------------------------------------------------------- width changes
     @torch.no_grad()
-    def set_width(self, new_width: int, reallocate: bool) -> WidthChange:
+    def set_width(self, new_width: int, reallocate: bool, nu: float | None = None) -> WidthChange:
         """Activate ``new_width`` positions; with ``reallocate``, make storage exactly that wide.
 
-        Output continuity, by case (λ is the current rate, ``Z_D = Σ_{j<D} e^{−λ j}``):
+        ``nu`` (optional) sets ν in the same move, for rank control that derives ν from the width.
+
+        Output continuity, by case (``p`` before, ``p'`` after: the importance weights of the old and
+        new width, at the old and new ν):
 
         * grow: the newly active positions have ``up = 0`` (fresh rows, or rows whose ``up`` was zeroed
-          when they were deactivated), so they add nothing; the survivors' weights drop from
-          ``1/Z_old`` to ``1/Z_new`` and we multiply their ``up`` columns by ``Z_new / Z_old``.
-          The output is unchanged to float rounding.
+          when they were deactivated), so they add nothing; each survivor's ``up`` column is multiplied
+          by ``p(i) / p'(i)``, which keeps its contribution. The output is unchanged to float rounding.
         * shrink: the survivors are rescaled the same way, so the only change is the removal of the
           dropped positions' own contributions, the least important ones by construction. Their
           ``up`` is zeroed (and, by the caller, their optimizer moments) so that they come back
@@ -167,19 +212,79 @@ class AdaptiveLoRA(nn.Module):
         if not reallocate and new_width > self.capacity:
             raise ValueError(f"width {new_width} exceeds storage {self.capacity} without reallocation")
         change = WidthChange(old_width=old_width, new_width=new_width)
-        if new_width != old_width:
-            positions = torch.arange(max(new_width, old_width), device=self.nu.device, dtype=torch.float32)
-            lam = self.rate().float() if self.adaptive else torch.zeros((), device=self.nu.device)
-            weights = torch.exp(-lam * positions)
-            z_old, z_new = weights[:old_width].sum(), weights[:new_width].sum()
+        before = self.importance().float()
+        if nu is not None:
+            self.nu.fill_(float(nu))
+        if new_width != old_width or nu is not None:
+            self.width = new_width
+            after = self.importance().float()
             survivors = min(old_width, new_width)
-            self.up.data[:, :survivors] *= (z_new / z_old).to(self.up.dtype)
+            ratio = (before[:survivors] / after[:survivors]).to(self.up.dtype)
+            self.up.data[:, :survivors] *= ratio.view(1, -1, *([1] * (self.up.dim() - 2)))
             if new_width < old_width:
                 self.up.data[:, new_width:old_width] = 0
                 change.silenced = (new_width, old_width)
         if reallocate and new_width != self.capacity:
             change.kept_index, change.replaced = self._reallocate(new_width)
         self.width = new_width
+        return change
+
+    def row_norms(self, width: int) -> torch.Tensor:
+        """The norm each position's ``down`` row gets when rank control (re)writes it.
+
+        ``1/√3`` is the expected norm of a ``U(−1/√fan_in, 1/√fan_in)`` row, the initial one. With
+        ``compensate`` (see :class:`~lora2.config.LoRA2Config`), position ``i`` gets ``p(0)/p(i)`` times
+        that, so that every position's ΔW moves at the first position's pace under Adam.
+        """
+        norms = torch.full((width,), 1.0 / math.sqrt(3.0))
+        if self.compensate and self.adaptive:
+            p = self.importance().float().cpu()
+            norms = norms * (p[0] / p)
+        return norms
+
+    @torch.no_grad()
+    def grow(self, directions: torch.Tensor, nu: float) -> WidthChange:
+        """Add ``len(directions)`` positions whose ``down`` rows point along ``directions [g, fan_in]``.
+
+        Their ``up`` columns start at zero, so the output does not move; the gradient of a new ``up``
+        column is then ``alpha·p·G·a``, the largest first-order decrease of the loss a rank-one step can
+        have when ``a`` is ``G``'s top right singular vector (GradMax).
+        """
+        old_width = self.width
+        change = self.set_width(old_width + directions.shape[0], reallocate=True, nu=nu)
+        norms = self.row_norms(self.width)[old_width:].to(self.down.device)
+        rows = directions.to(self.down.device, torch.float32) * norms[:, None]
+        self.down.data[old_width : self.width] = rows.view(-1, self.in_features, *self.kernel_size).to(self.down.dtype)
+        return change
+
+    @torch.no_grad()
+    def refactor(self, keep: int, nu: float) -> WidthChange:
+        """Re-write the factors as ΔW's leading ``keep`` singular directions, in decreasing order.
+
+        Exact for what is kept (Eckart–Young for what is dropped), and it puts the strongest direction
+        at position 0, where the importance weights expect it. New Parameters, so the optimizer state
+        of this component restarts (its coordinates were rotated): ``WidthChange.kept_index`` is None.
+        """
+        scaled_up = self.up[:, : self.width].float().flatten(1) * (self.alpha * self.importance().float())
+        u, s, vh = factor_svd(scaled_up, self.down[: self.width].float().flatten(1))
+        keep = max(1, min(int(keep), s.numel()))
+        change = WidthChange(old_width=self.width, new_width=keep)
+        self.width = keep
+        self.nu.fill_(float(nu))
+        norms = self.row_norms(keep).double().to(s.device)
+        weights = self.alpha * self.importance().double()
+        down = vh[:keep] * norms[:, None]
+        up = u[:, :keep] * (s[:keep] / (weights * norms))
+        dtype, device = self.down.dtype, self.down.device
+        old_down, old_up = self.down, self.up
+        self.down = nn.Parameter(
+            down.view(keep, self.in_features, *self.kernel_size).to(device, dtype).contiguous(),
+            requires_grad=old_down.requires_grad,
+        )
+        self.up = nn.Parameter(
+            up.view(self._up_shape(keep)).to(device, dtype).contiguous(), requires_grad=old_up.requires_grad
+        )
+        change.replaced = ((old_down, self.down, 0), (old_up, self.up, 1))
         return change
 
     @torch.no_grad()
@@ -220,6 +325,7 @@ class WidthChange:
     silenced: tuple[int, int] | None = None
     """Positions ``[start, stop)`` deactivated but kept in storage: zero their optimizer state."""
     kept_index: torch.Tensor | None = None
-    """Set when storage was reallocated: per new position, the old position it holds, or −1 (new)."""
+    """Set when storage was reallocated: per new position, the old position it holds, or −1 (new).
+    None with ``replaced`` set: the factors were rotated (re-factored) and their optimizer state restarts."""
     replaced: tuple[tuple[nn.Parameter, nn.Parameter, int], ...] = ()
     """Set when storage was reallocated: ``(old parameter, new parameter, rank dimension)`` pairs."""

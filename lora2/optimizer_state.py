@@ -42,19 +42,21 @@ def replace_parameter(
     optimizer: torch.optim.Optimizer | None,
     old: torch.nn.Parameter,
     new: torch.nn.Parameter,
-    kept_index: torch.Tensor,
+    kept_index: torch.Tensor | None,
     dim: int,
 ) -> None:
     """Swap ``new`` in for ``old`` in ``optimizer`` and re-index ``old``'s state along ``dim``.
 
     ``kept_index[j]`` is the old position that new position ``j`` holds, or −1 for a new position.
+    ``kept_index=None``: the new parameter's coordinates mean something else (a re-factored component);
+    its state restarts as the optimizer initialises it.
     """
     if optimizer is None:
         return
     for group in optimizer.param_groups:
         group["params"] = [new if p is old else p for p in group["params"]]
     state = optimizer.state.pop(old, None)
-    if not state:
+    if not state or kept_index is None:
         return
     if any(torch.is_tensor(v) and v.dim() > 0 and not _per_element(v, old) for v in state.values()):
         log.warning("optimizer state of a resized LoRA² factor is not per-element; it restarts from zero")

@@ -34,9 +34,7 @@ import torch
 from . import rank as rank_math
 from .adapter import Adapter, Component
 from .errors import LoRA2Error
-
-Spectrum = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-"""``(u [out, m], s [m], vh [m, in·kh·kw])`` in float64 with ``ΔW = u · diag(s) · vh`` (s descending)."""
+from .spectrum import Spectrum, factor_svd
 
 _TOLERANCE = 1e-12
 """Relative slack on cumulative sums, so that exact ties (e.g. 9 of 10 equal values at 0.9) land on the tie."""
@@ -44,17 +42,8 @@ _TOLERANCE = 1e-12
 
 # ----------------------------------------------------------------------------- SVD of one component
 def component_svd(component: Component) -> Spectrum:
-    """The thin SVD of the component's (flattened) ΔW, computed from its factors.
-
-    ``up = Q₁R₁`` and ``downᵀ = Q₂R₂`` give ``ΔW = Q₁ (R₁R₂ᵀ) Q₂ᵀ``; the SVD of the small core
-    ``R₁R₂ᵀ = U S Vᵀ`` then yields ``ΔW = (Q₁U) S (Q₂V)ᵀ``. Exact, and cheap for any layer width.
-    """
-    up = component.up.detach().double().flatten(1)
-    down = component.down.detach().double().flatten(1)
-    q_up, r_up = torch.linalg.qr(up)
-    q_down, r_down = torch.linalg.qr(down.T)
-    u, s, vh = torch.linalg.svd(r_up @ r_down.T, full_matrices=False)
-    return q_up @ u, s, vh @ q_down.T
+    """The thin SVD of the component's (flattened) ΔW, computed from its factors (:func:`factor_svd`)."""
+    return factor_svd(component.up, component.down)
 
 
 def singular_values(component: Component) -> torch.Tensor:

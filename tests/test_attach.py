@@ -61,7 +61,7 @@ def train(handle, model, x, steps: int, optimizer=None, lr: float = 1e-2):
 
 def test_attach_finds_targets_and_exposes_parameters() -> None:
     model, _ = model_and_input()
-    handle = attach(model, targets="all", init_rank=3)
+    handle = attach(model, rank_control="gradient", targets="all", init_rank=3)
     assert list(handle.ranks()) == ["conv", "to_q", "to_v", "ff"]
     assert set(handle.ranks().values()) == {3}
     factors, nus = list(handle.factor_parameters()), list(handle.nu_parameters())
@@ -82,7 +82,9 @@ def test_output_is_the_merged_delta() -> None:
 
 def test_regularizer_is_the_documented_sum() -> None:
     model, _ = model_and_input()
-    config = LoRA2Config(targets="attn", init_rank=3, prior_strength=0.5, prior_mean=1.5, prior_std=2.0)
+    config = LoRA2Config(
+        rank_control="gradient", targets="attn", init_rank=3, prior_strength=0.5, prior_mean=1.5, prior_std=2.0
+    )
     handle = attach(model, config)
     with torch.no_grad():
         for c in handle.components.values():
@@ -96,7 +98,7 @@ def test_regularizer_is_the_documented_sum() -> None:
 
 def test_ranks_grow_and_shrink_without_moving_the_output_and_optimizer_follows() -> None:
     model, x = model_and_input()
-    handle = attach(model, targets="attn", init_rank=4, max_rank=12)
+    handle = attach(model, rank_control="gradient", targets="attn", init_rank=4, max_rank=12)
     optimizer = train(handle, model, x, steps=3)
     component = handle.components["to_q"]
     moments_before = optimizer.state[component.up]["exp_avg"].clone()
@@ -123,7 +125,7 @@ def test_ranks_grow_and_shrink_without_moving_the_output_and_optimizer_follows()
 
 def test_max_rank_caps_growth() -> None:
     model, _ = model_and_input()
-    handle = attach(model, targets="attn", init_rank=4, max_rank=6)
+    handle = attach(model, rank_control="gradient", targets="attn", init_rank=4, max_rank=6)
     with torch.no_grad():
         for component in handle.components.values():
             component.nu.fill_(-50.0)  # λ at its floor: the quantile wants thousands of positions
@@ -133,7 +135,7 @@ def test_max_rank_caps_growth() -> None:
 
 def test_resize_every_keeps_storage_between_reallocations() -> None:
     model, x = model_and_input()
-    handle = attach(model, targets="attn", init_rank=6, resize_every=3)
+    handle = attach(model, rank_control="gradient", targets="attn", init_rank=6, resize_every=3)
     optimizer = torch.optim.Adam(handle.param_groups(1e-2))
     component = handle.components["to_v"]
     with torch.no_grad():
@@ -147,13 +149,13 @@ def test_resize_every_keeps_storage_between_reallocations() -> None:
 
 
 def test_training_grows_rank_where_the_data_needs_it() -> None:
-    """A layer that must learn a rank-6 change grows; one that needs none stays at the floor."""
+    """The ν-gradient ablation (rank_control="gradient") still grows where the data needs it (at lr 3e-3)."""
     torch.manual_seed(0)
     dim = 24
     model = nn.ModuleDict({"to_q": nn.Linear(dim, dim), "to_v": nn.Linear(dim, dim)}).requires_grad_(False)
     u, v = torch.linalg.qr(torch.randn(dim, 6))[0], torch.linalg.qr(torch.randn(dim, 6))[0]
     planted = u @ v.T
-    handle = attach(model, targets="attn", init_rank=2, max_rank=16)
+    handle = attach(model, rank_control="gradient", targets="attn", init_rank=2, max_rank=16)
     optimizer = torch.optim.Adam(handle.param_groups(3e-3, nu_lr=0.1))
     for _ in range(600):
         x = torch.randn(64, dim)
@@ -173,7 +175,7 @@ def test_training_grows_rank_where_the_data_needs_it() -> None:
 
 def test_state_dict_round_trip_is_exact() -> None:
     model, x = model_and_input()
-    handle = attach(model, targets="all", init_rank=3, max_rank=10)
+    handle = attach(model, rank_control="gradient", targets="all", init_rank=3, max_rank=10)
     train(handle, model, x, steps=24)
     with torch.no_grad():  # make the shapes differ between components
         handle.components["to_q"].nu.fill_(R.nu_for_rate(R.rate_for_width(7, 0.85, 1)))
@@ -182,7 +184,7 @@ def test_state_dict_round_trip_is_exact() -> None:
     state = handle.state_dict()
     expected = model(x)
     twin = copy.deepcopy(model_and_input()[0])
-    restored = attach(twin, targets="all", init_rank=3, max_rank=10)
+    restored = attach(twin, rank_control="gradient", targets="all", init_rank=3, max_rank=10)
     restored.load_state_dict(state)
     assert restored.ranks() == handle.ranks()
     assert restored.step_count == handle.step_count == 25
@@ -190,7 +192,7 @@ def test_state_dict_round_trip_is_exact() -> None:
     for name in handle.ranks():
         torch.testing.assert_close(restored.components[name].nu, handle.components[name].nu, atol=0, rtol=0)
     with pytest.raises(LoRA2Error, match="does not fit"):
-        attach(copy.deepcopy(twin), targets="attn").load_state_dict(state)
+        attach(copy.deepcopy(twin), rank_control="gradient", targets="attn").load_state_dict(state)
 
 
 def test_detach_restores_the_model_bit_for_bit() -> None:

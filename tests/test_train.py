@@ -70,8 +70,9 @@ def eval_loss(unet, latents, conditioning) -> float:
     return float((unet(noisy, t, encoder_hidden_states=conditioning).sample - noise).pow(2).mean())
 
 
-def make_trainer(unet, batches, steps: int = 40, **kwargs) -> Trainer:
-    handle = attach(unet, LoRA2Config(targets="attn", init_rank=2, max_rank=16, prior_strength=1e-4))
+def make_trainer(unet, batches, steps: int = 40, rank_control: str = "evidence", **kwargs) -> Trainer:
+    config = LoRA2Config(targets="attn", init_rank=2, max_rank=16, prior_strength=1e-4, rank_control=rank_control)
+    handle = attach(unet, config)
     settings = {"steps": steps, "batch_size": 2, "lr": 3e-3, "nu_lr": 0.1, "dtype": "float32", "seed": 0}
     config = TrainConfig(**{**settings, **kwargs})
     return Trainer(denoiser_for(unet), RULE, batches(), handle, config)
@@ -213,7 +214,16 @@ def test_prodigy_trains_through_resizes(caplog: pytest.LogCaptureFixture) -> Non
 
     unet = tiny_unet()
     _, _, batches = data()
-    trainer = make_trainer(unet, batches, steps=3, optimizer="prodigy", lr=1.0, nu_lr=1.0, rank_freeze_fraction=0.0)
+    trainer = make_trainer(
+        unet,
+        batches,
+        steps=3,
+        optimizer="prodigy",
+        lr=1.0,
+        nu_lr=1.0,
+        rank_freeze_fraction=0.0,
+        rank_control="gradient",
+    )
     trainer.run()
     with torch.no_grad():  # ask every component for width 5: the next step() resizes all of them
         for component in trainer.handle.components.values():
@@ -238,7 +248,9 @@ def test_adamw8bit_trains_through_resizes() -> None:
 
     unet = tiny_unet()
     _, _, batches = data()
-    trainer = make_trainer(unet, batches, steps=3, optimizer="adamw8bit", rank_freeze_fraction=0.0)
+    trainer = make_trainer(
+        unet, batches, steps=3, optimizer="adamw8bit", rank_freeze_fraction=0.0, rank_control="gradient"
+    )
     trainer.run()
     with torch.no_grad():
         for component in trainer.handle.components.values():

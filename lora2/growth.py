@@ -1,0 +1,171 @@
+"""Gradient evidence that a component needs more rank, gathered while it trains.
+
+For a component with input rows ``x [N, in]`` and output gradients ``δ [N, out]`` (``N`` = batch ×
+tokens), the gradient of the loss with respect to its ΔW is ``G = δᵀx`` (``out × in``). The existing
+positions can follow, to first order, the part of ``G`` inside their spans: ``up`` (B) learns ``G``'s
+projection on the rows of ``down`` (A), and A learns its projection on the columns of B. What no
+existing position can follow is ``G⊥ = (I − P_B) G (I − P_A)``. If the *expected* ``G⊥`` has a direction
+with a consistently non-zero component, the component needs another position, and the best first
+direction for it is ``E[G⊥]``'s top singular pair (GradMax, Evci et al., ICLR 2022).
+
+Why this and not ν's gradient (measured, METHOD.md §7): ∂L/∂ν is a sum over positions that already carry
+a direction, so it is zero at the start (B = 0) and again at equilibrium; a rank prior then wins and
+every width falls. The top singular value of ``G⊥`` was 20-200× larger on under-ranked components than
+on fitted ones in every case measured: the signal is there, it just has to be read.
+
+How it is read, without ever forming ``G``: a block power (subspace) iteration across training steps
+keeps ``k`` directions ``U [out, k]``, ``V [in, k]`` and exponential moving averages of ``G⊥V`` and
+``G⊥ᵀU``, which need only ``xV`` and ``δU``: ``O(N·(in + out)·k)`` per step, a few per cent of the
+layer's own matmul at ``k = 4``. The evidence that direction ``j`` is real and not noise is a
+z-statistic of ``s_j = u_jᵀ G⊥_t v_j``, measured with directions chosen *before* step ``t`` saw its
+batch: under pure noise ``E[s_j] = 0`` whatever ``u``, ``v`` are, so the test is unbiased. The statistic
+is dimensionless, so one threshold holds for any loss scale, learning rate, layer width and model.
+A second, relative test (``s_j`` against the largest ``s`` this component ever showed) stops growth
+when the wish has faded to noise-free round-off, where a z-test alone would fire on anything.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .spectrum import orthonormal_basis
+
+
+def _signed_orthonormal(matrix: torch.Tensor) -> torch.Tensor:
+    """Gram–Schmidt of the columns (QR), each column signed to point along the column it came from."""
+    q, r = torch.linalg.qr(matrix)
+    signs = torch.sign(torch.diagonal(r))
+    signs[signs == 0] = 1.0
+    return q * signs
+
+
+def _project_out(vectors: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+    """``(I − Q Qᵀ) vectors`` for an orthonormal ``Q`` (``vectors`` unchanged without one)."""
+    if basis is None or basis.shape[1] == 0:
+        return vectors
+    return vectors - basis @ (basis.T @ vectors)
+
+
+class GradientSketch:
+    """Streaming estimate of the top-``k`` singular directions of ``E[G⊥]`` and their evidence.
+
+    Args:
+        in_features, out_features: the sides of ``G`` (for convolutions, ``in`` is the patch size).
+        directions: ``k``, how many directions are tracked (and so, at most, grown at once).
+        beta: EMA factor; the evidence averages over about ``(1 + β)/(1 − β)`` steps.
+        generator: seeds the starting directions.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, directions: int, beta: float, generator: torch.Generator
+    ) -> None:
+        self.k = max(1, min(int(directions), in_features, out_features))
+        self.beta = float(beta)
+        self.u = _signed_orthonormal(torch.randn(out_features, self.k, generator=generator))
+        self.v = _signed_orthonormal(torch.randn(in_features, self.k, generator=generator))
+        self.a = torch.zeros(out_features, self.k)
+        self.b = torch.zeros(in_features, self.k)
+        self.basis_in: torch.Tensor | None = None
+        self.basis_out: torch.Tensor | None = None
+        self.peak = torch.zeros(())
+        self.reset_evidence()
+
+    def to(self, device: torch.device) -> GradientSketch:
+        for name in ("u", "v", "a", "b", "s_mean", "s_square", "peak"):
+            setattr(self, name, getattr(self, name).to(device))
+        for name in ("basis_in", "basis_out"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        return self
+
+    _STATE = ("u", "v", "a", "b", "s_mean", "s_square", "peak")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What continuing exactly needs (the spans are recomputed from the factors on load)."""
+        state = {name: getattr(self, name).detach().clone() for name in self._STATE}
+        state["count"] = torch.tensor(self.count, dtype=torch.int64)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        device = self.u.device
+        for name in self._STATE:
+            setattr(self, name, state[name].to(device, torch.float32).clone())
+        self.count = int(state["count"])
+        self.k = self.u.shape[1]
+
+    # ----------------------------------------------------------------- spans of the current positions
+    def set_spans(self, down: torch.Tensor, up: torch.Tensor) -> None:
+        """Record what the active positions span: rows of ``down [D, in]``, columns of ``up [out, D]``.
+
+        Called when the width changes and every few steps (spans move slowly; between refreshes the
+        tracked directions are still projected, so a stale span only leaks a little of what the
+        positions already follow into the estimate).
+        """
+        self.basis_in = orthonormal_basis(down.detach().float().T)
+        self.basis_out = orthonormal_basis(up.detach().float())
+        self.u = _signed_orthonormal(_project_out(self.u, self.basis_out))
+        self.v = _signed_orthonormal(_project_out(self.v, self.basis_in))
+        self.a = _project_out(self.a, self.basis_out)
+        self.b = _project_out(self.b, self.basis_in)
+
+    # ----------------------------------------------------------------- one training step's gradient
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor, delta: torch.Tensor) -> None:
+        """Fold one step's ``G = δᵀx`` (given as ``x [N, in]``, ``δ [N, out]``) into the estimate."""
+        x, delta = x.float(), delta.float()
+        v = _project_out(self.v, self.basis_in)
+        u = _project_out(self.u, self.basis_out)
+        a = _project_out(delta.T @ (x @ v), self.basis_out)  # G⊥ v_j, [out, k]
+        b = _project_out(x.T @ (delta @ u), self.basis_in)  # G⊥ᵀ u_j, [in, k]
+        s = (u * a).sum(dim=0)  # u_jᵀ G⊥ v_j with directions fixed before this batch
+        beta = self.beta
+        self.a.mul_(beta).add_(a, alpha=1 - beta)
+        self.b.mul_(beta).add_(b, alpha=1 - beta)
+        self.s_mean.mul_(beta).add_(s, alpha=1 - beta)
+        self.s_square.mul_(beta).add_(s * s, alpha=1 - beta)
+        self.count += 1
+        self.peak = torch.maximum(self.peak, self.strength().max())
+        self.u = _signed_orthonormal(self.a)
+        self.v = _signed_orthonormal(self.b)
+
+    def reset_evidence(self) -> None:
+        """Forget the statistics (after the width changed, what they measured is in the span now)."""
+        device = self.u.device
+        self.s_mean = torch.zeros(self.k, device=device)
+        self.s_square = torch.zeros(self.k, device=device)
+        self.count = 0
+
+    # ----------------------------------------------------------------- the evidence
+    def strength(self) -> torch.Tensor:
+        """The bias-corrected mean of ``s_j`` per direction: how much the loss wants each one."""
+        if self.count == 0:
+            return torch.zeros(self.k, device=self.u.device)
+        return self.s_mean / (1.0 - self.beta**self.count)
+
+    def alignment(self) -> torch.Tensor:
+        """How converged each direction pair is, in [0, 1]: ``u_jᵀ E[G⊥] v_j / ‖E[G⊥]ᵀ u_j‖``.
+
+        1 exactly when ``v_j`` is a right singular vector of ``E[G⊥]`` (then ``G⊥ᵀu_j ∥ v_j``); growing
+        along a direction that has not converged leaves part of the need outside the span, and the
+        next decision grows again: over-growth that the shrink rule must then undo.
+        """
+        if self.count == 0:
+            return torch.zeros(self.k, device=self.u.device)
+        correction = 1.0 - self.beta**self.count
+        return (self.s_mean / correction) / (self.b.norm(dim=0) / correction).clamp(min=1e-30)
+
+    def z_scores(self) -> torch.Tensor:
+        """The z-statistic of ``s_j`` per direction (its mean over the EMA's standard error)."""
+        if self.count == 0:
+            return torch.zeros(self.k, device=self.u.device)
+        correction = 1.0 - self.beta**self.count
+        mean = self.s_mean / correction
+        variance = (self.s_square / correction - mean * mean).clamp(min=0.0)
+        effective = (1.0 - self.beta) / (1.0 + self.beta)
+        return mean / (variance * effective).sqrt().clamp(min=1e-30)
+
+    def new_directions(self, count: int) -> torch.Tensor:
+        """The first ``count`` tracked input directions, orthonormal rows ``[count, in]`` outside the span."""
+        v = _project_out(self.v[:, :count], self.basis_in)
+        return _signed_orthonormal(v).T.contiguous()

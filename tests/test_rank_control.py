@@ -1,0 +1,220 @@
+"""lora2/rank_control.py + growth.py: widths follow gradient evidence (grow) and singular values (shrink).
+
+Pinned with numbers, in seconds: growth from below the need, no growth without need, an output that
+does not move across a growth or a lossless re-factoring, the sketch finding the top direction outside
+the span, and its evidence staying quiet under pure noise.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from comfyui_lora2.lora2 import LoRA2Config, LoRA2Error, attach
+from comfyui_lora2.lora2.growth import GradientSketch
+from comfyui_lora2.lora2.rank_control import RankRule, growth_count, kept_directions, spectral_norm
+from comfyui_lora2.lora2.spectrum import factor_svd
+
+DIM = 32
+
+
+class TwoLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.to_q = nn.Linear(DIM, DIM, bias=False)
+        self.to_v = nn.Linear(DIM, DIM, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.to_q(x), self.to_v(x)
+
+
+def planted(rank: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(DIM, rank, generator=generator))
+    v, _ = torch.linalg.qr(torch.randn(DIM, rank, generator=generator))
+    return u @ torch.diag(0.5 + 0.5 * torch.rand(rank, generator=generator)) @ v.T
+
+
+def fit(rank_q: int, rank_v: int, steps: int, lr: float = 3e-3, **config) -> tuple:
+    """Train LoRA² on two layers against planted updates of the given ranks (0: no update)."""
+    torch.manual_seed(0)
+    model = TwoLayers().requires_grad_(False)
+    targets = {"to_q": planted(rank_q, 1) if rank_q else torch.zeros(DIM, DIM), "to_v": planted(rank_v, 2)}
+    handle = attach(model, LoRA2Config(targets="attn", init_rank=4, max_rank=24, **config))
+    optimizer = torch.optim.Adam(handle.param_groups(lr))
+    generator = torch.Generator().manual_seed(5)
+    history = []
+    for _ in range(steps):
+        x = torch.randn(64, DIM, generator=generator)
+        q, v = model(x)
+        with handle.disabled(), torch.no_grad():
+            base_q, base_v = model(x)
+        loss = F.mse_loss(q, base_q + x @ targets["to_q"].T) + F.mse_loss(v, base_v + x @ targets["to_v"].T)
+        (loss + handle.regularizer()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        handle.step(optimizer)
+        history.append(handle.ranks())
+    return handle, targets, history
+
+
+def relative_error(handle, name: str, target: torch.Tensor) -> float:
+    return float((handle.delta(name) - target).norm() / target.norm().clamp(min=1e-12))
+
+
+def test_a_component_grows_from_below_its_need_and_fits() -> None:
+    handle, targets, history = fit(rank_q=0, rank_v=12, steps=700)
+    ranks = handle.ranks()
+    assert 12 <= ranks["to_v"] <= 14, history[::50]
+    assert max(h["to_v"] for h in history) <= 16
+    assert relative_error(handle, "to_v", targets["to_v"]) < 0.02
+
+
+def test_a_component_without_need_stays_small() -> None:
+    handle, _, history = fit(rank_q=0, rank_v=12, steps=700)
+    assert handle.ranks()["to_q"] <= 2, history[::50]
+    assert max(h["to_q"] for h in history) <= 4  # never grew past its start
+    assert handle.delta("to_q").norm() < 0.05
+
+
+def test_growth_does_not_need_a_fast_learning_rate() -> None:
+    handle, _, history = fit(rank_q=0, rank_v=12, steps=400, lr=3e-4)
+    assert handle.ranks()["to_v"] >= 10, history[::50]
+
+
+def test_growth_keeps_the_output_and_the_optimizer_follows() -> None:
+    torch.manual_seed(0)
+    model = TwoLayers().requires_grad_(False)
+    handle = attach(model, LoRA2Config(targets="attn", init_rank=4, max_rank=24, decide_every=1))
+    optimizer = torch.optim.Adam(handle.param_groups(1e-2))
+    x = torch.randn(16, DIM)
+    for _ in range(3):  # give up some values so that the rescaling of survivors is visible
+        sum(o.pow(2).sum() for o in model(x)).neg().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    component = handle.components["to_v"]
+    before = torch.cat(model(x)).detach()
+    moments = optimizer.state[component.up]["exp_avg"].clone()
+    directions = torch.linalg.qr(torch.randn(DIM, 3))[0].T
+    old_up = component.up
+    change = component.grow(directions, nu=0.1)
+    handle_optimizer_follow(optimizer, component, change)
+    assert component.width == 7 and component.capacity == 7
+    torch.testing.assert_close(torch.cat(model(x)).detach(), before, atol=1e-6, rtol=1e-5)
+    new_rows = component.down[4:7].detach()
+    norms = component.row_norms(7)[4:7]
+    torch.testing.assert_close(new_rows, directions * norms[:, None])
+    assert optimizer.state[component.up]["exp_avg"].shape == (DIM, 7)
+    torch.testing.assert_close(optimizer.state[component.up]["exp_avg"][:, :4], moments)
+    assert old_up not in optimizer.state
+
+
+def handle_optimizer_follow(optimizer, component, change) -> None:
+    from comfyui_lora2.lora2.attach import follow_width_change
+
+    follow_width_change(optimizer, component, change)
+
+
+def test_compensated_rows_make_every_position_move_alike() -> None:
+    model = TwoLayers().requires_grad_(False)
+    handle = attach(model, LoRA2Config(targets="attn", init_rank=8, max_rank=24))
+    component = handle.components["to_q"]
+    norms = component.row_norms(8)
+    p = component.importance().detach()
+    torch.testing.assert_close(norms * p, torch.full((8,), float(p[0]) / 3**0.5))
+    plain = attach(TwoLayers(), LoRA2Config(targets="attn", init_rank=8, compensate_importance=False))
+    assert torch.allclose(plain.components["to_q"].row_norms(8), torch.full((8,), 3**-0.5))
+
+
+def test_refactor_keeps_the_update_and_orders_positions_by_singular_value() -> None:
+    handle, _, _ = fit(rank_q=0, rank_v=6, steps=60, shrink_ratio=0.0, shrink_floor=0.0)
+    component = handle.components["to_v"]
+    before = component.delta_weight()
+    width = component.width
+    component.refactor(width, nu=float(component.nu))
+    torch.testing.assert_close(component.delta_weight(), before, atol=1e-5, rtol=1e-4)
+    contributions = (component.up.detach().norm(dim=0) * component.importance().detach()).tolist()
+    contributions = [c * float(n) for c, n in zip(contributions, component.down.detach().norm(dim=1), strict=True)]
+    assert contributions == sorted(contributions, reverse=True)
+    singular = factor_svd(before.flatten(1), torch.eye(DIM, dtype=torch.float64))[1]
+    component.refactor(2, nu=float(component.nu))
+    error = float((component.delta_weight().double() - before.double()).norm())
+    assert error == pytest.approx(float(singular[2:].pow(2).sum().sqrt()), rel=1e-3)
+
+
+def test_sketch_finds_the_top_direction_outside_the_span() -> None:
+    generator = torch.Generator().manual_seed(0)
+    sketch = GradientSketch(DIM, DIM, directions=2, beta=0.5, generator=generator)
+    span_in = torch.linalg.qr(torch.randn(DIM, 3, generator=generator))[0]  # rows of `down`
+    sketch.set_spans(span_in.T, torch.zeros(DIM, 3))
+    gradient = planted(4, 7)
+    x = torch.randn(256, DIM, generator=generator)
+    delta = x @ torch.linalg.pinv(x.T @ x) @ gradient.T  # then δᵀx = G exactly
+    for _ in range(300):
+        sketch.observe(x, delta)
+    projected = gradient - gradient @ span_in @ span_in.T
+    u, s, vh = torch.linalg.svd(projected)
+    direction = sketch.new_directions(1)[0]
+    assert abs(float(direction @ vh[0])) > 0.999
+    assert float(sketch.strength()[0]) == pytest.approx(float(s[0]), rel=1e-3)
+    assert float((direction @ span_in).abs().max()) < 1e-5
+
+
+def test_sketch_evidence_is_quiet_under_pure_noise() -> None:
+    generator = torch.Generator().manual_seed(1)
+    sketch = GradientSketch(DIM, DIM, directions=4, beta=0.9, generator=generator)
+    z_max = []
+    for step in range(400):
+        x = torch.randn(8, DIM, generator=generator)
+        delta = torch.randn(8, DIM, generator=generator)  # zero-mean gradient: nothing to learn
+        sketch.observe(x, delta)
+        if step > 40:
+            z_max.append(float(sketch.z_scores().max()))
+    assert sum(z > 4.0 for z in z_max) <= 2, max(z_max)
+
+
+def test_rules_are_the_documented_thresholds() -> None:
+    rule = RankRule(growth_z=4.0, growth_fade=0.1, growth_directions=3, shrink_ratio=0.05, shrink_floor=1e-3)
+    z = torch.tensor([9.0, 5.0, 3.0, 9.0])
+    strength = torch.tensor([1.0, 0.5, 0.5, 0.5])
+    assert growth_count(z, strength, peak=2.0, rule=rule) == 2  # third fails z, so the fourth does not count
+    assert growth_count(z, strength, peak=6.0, rule=rule) == 1  # 0.5 < 0.1·6: faded
+    assert growth_count(torch.full((4,), 9.0), torch.ones(4), peak=1.0, rule=rule) == 3  # capped
+    singular = torch.tensor([2.0, 1.0, 0.12, 0.05])
+    assert kept_directions(singular, weight_norm=10.0, rule=rule) == 3
+    assert kept_directions(singular, weight_norm=200.0, rule=rule) == 2  # floor 0.2 over ratio 0.1
+    assert kept_directions(torch.zeros(4), weight_norm=1.0, rule=rule) == 1
+
+
+def test_spectral_norm_by_power_iteration() -> None:
+    weight = torch.randn(40, 30, generator=torch.Generator().manual_seed(0))
+    assert spectral_norm(weight, iterations=100) == pytest.approx(float(torch.linalg.matrix_norm(weight, 2)), rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"rank_control": "magic"}, "rank_control"),
+        ({"decide_every": 0}, "decide_every"),
+        ({"evidence_beta": 1.0}, "evidence_beta"),
+        ({"growth_z": -1.0}, "growth_z"),
+    ],
+)
+def test_rank_control_settings_are_validated(fields: dict, message: str) -> None:
+    with pytest.raises(LoRA2Error, match=message):
+        LoRA2Config(**fields)
+
+
+def test_evidence_state_round_trips_so_resume_decides_alike() -> None:
+    handle, _, _ = fit(rank_q=0, rank_v=6, steps=45)
+    state = handle.state_dict()
+    assert any(".evidence." in key for key in state)
+    twin = attach(TwoLayers().requires_grad_(False), LoRA2Config(targets="attn", init_rank=4, max_rank=24))
+    twin.load_state_dict(state)
+    for name, control in handle._controls.items():
+        restored = twin._controls[name]
+        assert restored.last_growth == control.last_growth
+        assert restored.sketch.count == control.sketch.count
+        torch.testing.assert_close(restored.sketch.z_scores(), control.sketch.z_scores(), atol=0, rtol=0)
