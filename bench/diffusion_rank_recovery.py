@@ -1,0 +1,554 @@
+"""Diffusion rank recovery: does LoRA² find the planted rank of every attention projection?
+
+The known-answer benchmark on real diffusion architectures (``bench/tiny_diffusion.py``: SD1.5-, SDXL-
+and Flux-shaped diffusers models, seeded). A *teacher* is the base model plus a planted low-rank update
+``ΔW`` on each projection LoRA² adapts with its default ``targets="attn"`` preset; the ranks differ by
+block and by projection. A *student* is the same base with LoRA² attached, trained through the
+ordinary :class:`lora2.train.Trainer` to reproduce the teacher; fixed-rank LoRA (r=64, and ``--fixed``
+ranks) is trained the same way as the baseline.
+
+Base weights (``--base``): ``random`` is the seeded initialisation; ``pretrained`` is that model after a
+short full fine-tune on images (``bench/image_data.py``: the shared DreamBooth photos when present,
+else synthetic ones; cached on disk), whose attention has learned some structure.
+
+Planted ranks are drawn from {0, 1, 2, 4, 8, 16, 32}, at most half the smaller side of the weight (so
+every update really is low-rank), seeded by ``--seed``, redrawn until several components get ≥ 8 and
+several ≤ 1; or given with ``--planted name=rank,...`` (unlisted: 0). Each update is
+``U diag(s) Vᵀ`` with random orthonormal ``U``, ``V`` and singular values ``s ~ U(0.5, 1)·‖W‖₂``: sized by
+the layer's own spectral norm so that every planted direction changes its layer's output by a similar
+fraction whatever the layer's width or init scale. An absolute scale would be invisible behind a
+large-norm layer and dominate a small one, and the rank a student needs would then measure the base
+weights' norms rather than the planted rank.
+
+Identifiability caveat: all of q, k, v and out are planted, and end to end a later layer can absorb
+part of an earlier one's update, so a component's planted rank is an upper bound of what it needs
+(the planted ΔWs are one exact solution, not necessarily the only one). Spearman over ~50 components
+is robust to that; per-component numbers are not exact targets.
+
+Training data (``--data``):
+
+* ``targets`` (default): distillation on the teacher's own outputs. x0 comes from the image pool,
+  ``x_t`` from the model's own rule (DDPM ε on the scaled-linear schedule for the UNets, rectified flow
+  for Flux). The Trainer gets a denoiser returning ``student(x_t, t, c) − teacher(x_t, t, c)`` (the
+  teacher under ``no_grad``) and a rule whose target is zero, so its ordinary MSE *is*
+  ``‖student − teacher‖²`` and nothing in the training loop is special-cased.
+* ``samples``: x0 are images the teacher generates from seeded noise (a deterministic 10-step DDIM /
+  Euler sampler, conditioned on the pool's captions), then the ordinary ε / flow loss on them: what a
+  user's training images would be if the "subject" were exactly the planted update.
+
+Every method uses the dataclass defaults of ``LoRA2Config()`` and ``TrainConfig()``; the benchmark sets
+only ``steps``, ``seed``, ``targets`` and the dtypes (float32). ``--set lora2.FIELD=V`` changes a field
+of LoRA²'s config (the fixed-rank baselines keep the defaults, so the reference does not move under an
+ablation); ``--set train.FIELD=V`` changes the training of every method.
+
+Scores (the last line is one JSON object): Spearman between planted and learned widths over every
+component; ``growth_ratio_min``, the smallest learned/planted over components planted ≥ 8 (they start
+at ``init_rank``, so < 1 means growth fell short); ``zero_rank_max``, the widest component planted ≤ 1;
+``fit_vs_r64``, LoRA²'s output error ``Σ‖student − teacher‖² / Σ‖teacher − base‖²`` on a fixed held-out
+batch of noised inputs divided by fixed r=64's after the same steps; ``params_vs_r64``, LoRA²'s adapter
+size over r=64's. The per-component ``fit`` is ``‖(ΔW_s − ΔW_t) h‖² / ‖ΔW_t h‖²`` on the inputs ``h`` the
+layer sees in the teacher on that batch (``/ ‖W h‖²`` where nothing was planted).
+
+Run: ``python -m comfyui_lora2.bench.diffusion_rank_recovery --model sd15`` (default 600 steps; about
+3 minutes on one CPU thread for sd15 with LoRA² and r=64, plus ~1 minute the first time a pretrained
+base is built).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..lora2 import LoRA2Handle, attach
+from ..lora2.errors import LoRA2Error
+from ..lora2.noise import DDPMRule, Prepared
+from ..lora2.targets import select_targets
+from ..lora2.train import Trainer
+from .image_data import ImageSet, base_model, batch_stream, caption_embeddings, load_images, make_batch
+from .rank_recovery import spearman
+from .settings import Overrides, lora2_config, parse_settings, train_config
+from .tiny_diffusion import MODELS, Family, family
+
+DEFAULT_STEPS = 600
+PLANT_RANKS = (0, 1, 2, 4, 8, 16, 32)
+MIN_EACH_END = 3
+"""A seeded draw is redrawn until at least this many components are planted ≥ 8 and ≤ 1."""
+EVAL_SIZE = 16
+SAMPLE_COUNT = 32
+SAMPLE_STEPS = 10
+BASELINE_RANK = 64
+
+
+# ----------------------------------------------------------------- the planted teacher
+def target_layers(model: nn.Module, targets: str = "attn") -> dict[str, nn.Module]:
+    """``{name: layer}`` of the components LoRA² would attach to with ``targets``."""
+    return dict(select_targets(model, targets))
+
+
+def rank_cap(layer: nn.Module) -> int:
+    """The largest rank planted in ``layer``: half its smaller side, so the update stays low-rank."""
+    out_features, in_features = layer.weight.shape[0], layer.weight[0].numel()
+    return min(out_features, in_features) // 2
+
+
+def draw_planted(layers: dict[str, nn.Module], seed: int) -> dict[str, int]:
+    """A seeded rank per component from ``PLANT_RANKS`` (capped per layer) with both ends represented."""
+    generator = torch.Generator().manual_seed(seed + 101)
+    need = min(MIN_EACH_END, max(1, len(layers) // 4))
+    for _ in range(1000):
+        planted = {}
+        for name, layer in layers.items():
+            allowed = [r for r in PLANT_RANKS if r <= rank_cap(layer)]
+            planted[name] = allowed[int(torch.randint(len(allowed), (1,), generator=generator))]
+        high = sum(r >= 8 for r in planted.values())
+        low = sum(r <= 1 for r in planted.values())
+        if high >= need and low >= need:
+            return planted
+    raise LoRA2Error(f"could not draw planted ranks with {need} components ≥ 8 and ≤ 1; use --planted")
+
+
+def parse_planted(text: str, layers: dict[str, nn.Module]) -> dict[str, int]:
+    """``"name=rank,name=rank"`` → ranks for every component (unlisted: 0); errors name ``--planted``."""
+    planted = dict.fromkeys(layers, 0)
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, sep, value = item.rpartition("=")
+        if not sep or name not in layers:
+            known = ", ".join(list(layers)[:4])
+            raise LoRA2Error(f"--planted {item!r}: expected NAME=RANK with a target component name (e.g. {known})")
+        try:
+            rank = int(value)
+        except ValueError:
+            raise LoRA2Error(f"--planted {item!r}: the rank must be an integer") from None
+        limit = min(layers[name].weight.shape[0], layers[name].weight[0].numel())
+        if not 0 <= rank <= limit:
+            raise LoRA2Error(f"--planted {item!r}: the rank must be between 0 and {limit} for this layer")
+        planted[name] = rank
+    return planted
+
+
+def planted_delta(weight: torch.Tensor, rank: int, generator: torch.Generator) -> torch.Tensor:
+    """``U diag(s) Vᵀ`` of exactly ``rank``, ``s ~ U(0.5, 1)·‖W‖₂`` (why: see the module docstring)."""
+    out_features, in_features = weight.shape[0], weight[0].numel()
+    if rank == 0:
+        return torch.zeros(out_features, in_features)
+    matrix = weight.detach().float().reshape(out_features, in_features)
+    norm = torch.linalg.matrix_norm(matrix, ord=2)
+    u, _ = torch.linalg.qr(torch.randn(out_features, rank, generator=generator))
+    v, _ = torch.linalg.qr(torch.randn(in_features, rank, generator=generator))
+    s = (0.5 + 0.5 * torch.rand(rank, generator=generator)) * norm
+    return (u * s) @ v.T
+
+
+def make_teacher(base: nn.Module, planted: dict[str, int], seed: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A copy of ``base`` with ``planted[name]``-rank updates added to those layers' weights."""
+    teacher = copy.deepcopy(base)
+    layers = dict(teacher.named_modules())
+    generator = torch.Generator().manual_seed(seed + 202)
+    deltas = {}
+    with torch.no_grad():
+        for name, rank in planted.items():
+            weight = layers[name].weight
+            deltas[name] = planted_delta(weight, rank, generator)
+            weight.add_(deltas[name].view_as(weight).to(weight.dtype))
+    return teacher, deltas
+
+
+# ----------------------------------------------------------------- training through the ordinary Trainer
+class ZeroTarget:
+    """Wraps a noise rule: same noisy inputs and timesteps, target zero (the denoiser returns a residual)."""
+
+    def __init__(self, rule: Any) -> None:
+        self.rule = rule
+
+    def prepare(self, x0: torch.Tensor, noise: torch.Tensor, generator: torch.Generator) -> Prepared:
+        prepared = self.rule.prepare(x0, noise, generator)
+        prepared.target = torch.zeros_like(prepared.target)
+        return prepared
+
+
+def residual_denoiser(student: Callable, teacher: Callable) -> Callable:
+    """``student(x, t, c) − teacher(x, t, c)``, the teacher without gradients: its square is the loss."""
+
+    def residual(x: torch.Tensor, t: torch.Tensor, c: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            target = teacher(x, t, c)
+        return student(x, t, c) - target
+
+    return residual
+
+
+@torch.no_grad()
+def sample_teacher(teacher: nn.Module, fam: Family, pool: ImageSet, seed: int) -> ImageSet:
+    """``SAMPLE_COUNT`` deterministic teacher samples from seeded noise, captions cycling over the pool's.
+
+    DDIM (η = 0) on the UNets' ε schedule, Euler on Flux's flow: x0 for ``--data samples``.
+    """
+    generator = torch.Generator().manual_seed(seed + 303)
+    subjects = pool.subjects[torch.arange(SAMPLE_COUNT) % len(pool.subjects)]
+    text, pooled = caption_embeddings(pool.names, seed)
+    conditioning = fam.conditioning(text[subjects], pooled[subjects])
+    x = torch.randn(SAMPLE_COUNT, *fam.latent_shape(), generator=generator)
+    denoise = fam.denoiser(teacher)
+    rule = fam.rule()
+    if isinstance(rule, DDPMRule):
+        abar = rule.alphas_cumprod.float()
+        steps = torch.linspace(len(abar) - 1, 0, SAMPLE_STEPS).round().long().tolist()
+        for i, t in enumerate(steps):
+            eps = denoise(x, torch.full((SAMPLE_COUNT,), t), conditioning)
+            x0 = (x - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
+            prev = abar[steps[i + 1]] if i + 1 < len(steps) else torch.tensor(1.0)
+            x = prev.sqrt() * x0 + (1 - prev).sqrt() * eps
+    else:
+        times = torch.linspace(1.0, 0.0, SAMPLE_STEPS + 1)
+        for t, t_next in itertools.pairwise(times):
+            velocity = denoise(x, torch.full((SAMPLE_COUNT,), float(t)), conditioning)
+            x = x + (t_next - t) * velocity
+    return ImageSet(x, subjects, pool.names, "teacher_samples")
+
+
+@dataclass
+class Method:
+    """One student: a name and its adapter config."""
+
+    name: str
+    config: Any
+
+
+@dataclass
+class Trained:
+    handle: LoRA2Handle
+    model: nn.Module
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+
+
+def train_method(
+    method: Method,
+    base: nn.Module,
+    teacher: nn.Module,
+    fam: Family,
+    data: ImageSet,
+    mode: str,
+    train_settings: dict[str, Any],
+    progress: Callable[[str], None] | None = None,
+) -> Trained:
+    """Attach ``method`` to a copy of ``base`` and train it with the Trainer; returns it trained."""
+    started = time.perf_counter()
+    model = copy.deepcopy(base)
+    handle = attach(model, method.config)
+    config = train_config(train_settings)
+    rule = fam.rule()
+    if mode == "targets":
+        denoiser, rule = residual_denoiser(fam.denoiser(model), fam.denoiser(teacher)), ZeroTarget(rule)
+    else:
+        denoiser = fam.denoiser(model)
+    batches = batch_stream(data, fam, config.batch_size, config.seed)
+    on_step = (lambda report: progress(method.name)) if progress is not None else None
+    result = Trainer(denoiser, rule, batches, handle, config, on_step=on_step).run()
+    return Trained(handle, model, time.perf_counter() - started, result.history.loss)
+
+
+# ----------------------------------------------------------------- evaluation
+@dataclass
+class EvalSet:
+    """A fixed held-out batch of noised inputs, and the teacher's and base's outputs on it."""
+
+    inputs: torch.Tensor
+    timesteps: torch.Tensor
+    conditioning: dict[str, torch.Tensor]
+    teacher_out: torch.Tensor
+    base_out: torch.Tensor
+    layer_inputs: dict[str, torch.Tensor]
+    """Each planted layer's input rows inside the teacher on this batch."""
+
+
+def eval_timesteps(rule: Any, count: int) -> torch.Tensor:
+    """Noise levels spread evenly over the schedule (not random: every run sees the same ones)."""
+    if isinstance(rule, DDPMRule):
+        return torch.linspace(0, len(rule.alphas_cumprod) - 1, count).round().long()
+    return torch.linspace(0.02, 0.98, count)
+
+
+@torch.no_grad()
+def build_eval_set(fam: Family, teacher: nn.Module, base: nn.Module, data: ImageSet, seed: int) -> EvalSet:
+    """Noise ``EVAL_SIZE`` pool images with fixed noise at evenly spread levels; record the references."""
+    generator = torch.Generator().manual_seed(seed + 404)
+    index = torch.randint(len(data.subjects), (EVAL_SIZE,), generator=generator)
+    batch = make_batch(data, index, fam, seed)
+    noise = torch.randn(batch.latents.shape, generator=generator)
+    rule = fam.rule()
+    timesteps = eval_timesteps(rule, EVAL_SIZE)
+    inputs = noised(rule, batch.latents, noise, timesteps)
+    captured = capture_inputs(teacher, list(target_layers(teacher)))
+    teacher_out = fam.denoiser(teacher)(inputs, timesteps, batch.conditioning)
+    for hook in captured.pop("__hooks__"):
+        hook.remove()
+    base_out = fam.denoiser(base)(inputs, timesteps, batch.conditioning)
+    return EvalSet(inputs, timesteps, batch.conditioning, teacher_out, base_out, captured)
+
+
+def noised(rule: Any, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The rule's forward process at given timesteps (its ``prepare`` draws them at random)."""
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+    if isinstance(rule, DDPMRule):
+        abar = rule.alphas_cumprod[timesteps].float().view(shape)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    t = timesteps.float().view(shape)
+    return (1 - t) * x0 + t * noise
+
+
+def capture_inputs(model: nn.Module, names: list[str]) -> dict[str, Any]:
+    """Hooks that record each named layer's input as rows ``[N, in]`` (``"__hooks__"``: the handles)."""
+    captured: dict[str, Any] = {}
+    modules = dict(model.named_modules())
+
+    def hook(name: str):
+        return lambda module, args, output: captured.__setitem__(name, args[0].detach().flatten(0, -2))
+
+    captured["__hooks__"] = [modules[name].register_forward_hook(hook(name)) for name in names]
+    return captured
+
+
+@torch.no_grad()
+def output_error(trained: Trained, fam: Family, evaluation: EvalSet) -> float:
+    """``Σ‖student − teacher‖² / Σ‖teacher − base‖²`` on the held-out batch (0 = perfect, 1 = no better than base)."""
+    student_out = fam.denoiser(trained.model)(evaluation.inputs, evaluation.timesteps, evaluation.conditioning)
+    missing = (evaluation.teacher_out - evaluation.base_out).pow(2).sum()
+    return float((student_out - evaluation.teacher_out).pow(2).sum() / missing.clamp_min(1e-12))
+
+
+@torch.no_grad()
+def component_fits(
+    handle: LoRA2Handle, teacher: nn.Module, deltas: dict[str, torch.Tensor], evaluation: EvalSet
+) -> dict[str, float]:
+    """Per planted component ``‖(ΔW_s − ΔW_t) h‖² / ‖ΔW_t h‖²`` (``/ ‖W h‖²`` where nothing was planted)."""
+    layers = dict(teacher.named_modules())
+    components = handle.components
+    fits = {}
+    for name, delta in deltas.items():
+        h = evaluation.layer_inputs[name]
+        learned = handle.delta(name).flatten(1) if name in components else torch.zeros_like(delta)
+        error = (h @ (learned - delta).T).pow(2).sum()
+        if delta.any():
+            scale = (h @ delta.T).pow(2).sum()
+        else:
+            scale = (h @ layers[name].weight.flatten(1).T).pow(2).sum()
+        fits[name] = float(error / scale.clamp_min(1e-12))
+    return fits
+
+
+# ----------------------------------------------------------------- scores
+def growth_ratio_min(planted: dict[str, int], ranks: dict[str, int], threshold: int = 8) -> float | None:
+    """Smallest learned/planted over components planted ≥ ``threshold``; None when there are none."""
+    ratios = [ranks.get(name, 0) / rank for name, rank in planted.items() if rank >= threshold]
+    return min(ratios) if ratios else None
+
+
+def zero_rank_max(planted: dict[str, int], ranks: dict[str, int], threshold: int = 1) -> int | None:
+    """Largest learned width over components planted ≤ ``threshold``; None when there are none."""
+    widths = [ranks.get(name, 0) for name, rank in planted.items() if rank <= threshold]
+    return max(widths) if widths else None
+
+
+def rank_spearman(planted: dict[str, int], ranks: dict[str, int]) -> float:
+    """Spearman's correlation of planted vs learned widths over every planted component."""
+    names = list(planted)
+    return spearman([float(planted[n]) for n in names], [float(ranks.get(n, 0)) for n in names])
+
+
+def scores(planted: dict[str, int], ranks: dict[str, int], fit: float, fit_r64: float, params: int, params_r64: int):
+    """The JSON line's headline numbers (see the module docstring)."""
+    return {
+        "spearman": round(rank_spearman(planted, ranks), 4),
+        "growth_ratio_min": growth_ratio_min(planted, ranks),
+        "zero_rank_max": zero_rank_max(planted, ranks),
+        "fit_vs_r64": fit / fit_r64 if fit_r64 > 0 else math.inf,
+        "params_vs_r64": params / params_r64,
+        "ranks": dict(ranks),
+        "planted": dict(planted),
+    }
+
+
+# ----------------------------------------------------------------- the run
+def methods_for(targets: str, seed: int, overrides: Overrides, fixed: tuple[int, ...]) -> list[Method]:
+    """LoRA² at its config defaults (plus ``--set lora2.*``), then fixed-rank LoRA at r=64 and ``fixed``."""
+    methods = [Method("lora2", lora2_config(overrides.lora2, targets=targets, seed=seed, dtype="float32"))]
+    for rank in (BASELINE_RANK, *(r for r in fixed if r != BASELINE_RANK)):
+        config = lora2_config(
+            targets=targets, seed=seed, dtype="float32", adaptive=False, init_rank=rank, max_rank=rank
+        )
+        methods.append(Method(f"lora_r{rank}", config))
+    return methods
+
+
+def run(
+    model: str = "sd15",
+    base: str = "random",
+    data: str = "targets",
+    steps: int = DEFAULT_STEPS,
+    seed: int = 0,
+    planted: str | dict[str, int] | None = None,
+    settings: list[str] | Overrides | None = None,
+    fixed: tuple[int, ...] = (),
+    progress: Callable[[str], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Build base and teacher, train LoRA² and the fixed-rank baselines, score them; returns the results."""
+    if model not in MODELS:
+        raise LoRA2Error(f"--model must be one of {MODELS}, got {model!r}")
+    if base not in ("random", "pretrained"):
+        raise LoRA2Error(f"--base must be random or pretrained, got {base!r}")
+    if data not in ("targets", "samples"):
+        raise LoRA2Error(f"--data must be targets or samples, got {data!r}")
+    overrides = settings if isinstance(settings, Overrides) else parse_settings(settings)
+    train_settings = {"dtype": "float32", "seed": seed, **overrides.train, "steps": steps}
+    fam = family(model)
+    pool = load_images(fam, seed)
+    base_net = base_model(model, fam, seed, base, pool, log=log)
+    layers = target_layers(base_net)
+    if isinstance(planted, dict):
+        plan = parse_planted(",".join(f"{k}={v}" for k, v in planted.items()), layers)
+    else:
+        plan = parse_planted(planted, layers) if planted else draw_planted(layers, seed)
+    teacher, deltas = make_teacher(base_net, plan, seed)
+    train_data = sample_teacher(teacher, fam, pool, seed) if data == "samples" else pool
+    evaluation = build_eval_set(fam, teacher, base_net, train_data, seed)
+    results: dict[str, Any] = {"model": model, "base": base, "data": data, "steps": steps, "seed": seed}
+    results["images"] = pool.source
+    results["settings"] = overrides.to_dict()
+    results["planted"] = plan
+    results["methods"] = {}
+    for method in methods_for("attn", seed, overrides, fixed):
+        trained = train_method(method, base_net, teacher, fam, train_data, data, train_settings, progress)
+        entry = {
+            "fit": output_error(trained, fam, evaluation),
+            "params": trained.handle.num_parameters(),
+            "seconds": trained.seconds,
+            "ranks": trained.handle.ranks(),
+        }
+        if method.name == "lora2":
+            entry["component_fit"] = component_fits(trained.handle, teacher, deltas, evaluation)
+        results["methods"][method.name] = entry
+    lora2, r64 = results["methods"]["lora2"], results["methods"][f"lora_r{BASELINE_RANK}"]
+    results["summary"] = scores(plan, lora2["ranks"], lora2["fit"], r64["fit"], lora2["params"], r64["params"])
+    return results
+
+
+# ----------------------------------------------------------------- report
+def format_table(results: dict) -> str:
+    """Per component (planted, learned, fit) and per method (fit, params, seconds)."""
+    lora2 = results["methods"]["lora2"]
+    width = max(len(name) for name in results["planted"]) + 2
+    lines = [f"{'component':<{width}}{'planted':>8}{'learned':>8}{'fit':>10}", "-" * (width + 26)]
+    for name, rank in results["planted"].items():
+        learned = lora2["ranks"].get(name, 0)
+        lines.append(f"{name:<{width}}{rank:>8}{learned:>8}{lora2['component_fit'][name]:>10.4f}")
+    summary = results["summary"]
+    lines += [
+        f"spearman(planted, learned) = {summary['spearman']:.3f}   growth_ratio_min = {summary['growth_ratio_min']}"
+        f"   zero_rank_max = {summary['zero_rank_max']}",
+        "",
+    ]
+    reference = results["methods"][f"lora_r{BASELINE_RANK}"]
+    header = f"{'method':<12}{'fit':>10}{'params':>10}{'params/r64':>12}{'seconds':>9}"
+    lines += [header, "-" * len(header)]
+    for name, m in results["methods"].items():
+        ratio = m["params"] / reference["params"]
+        lines.append(f"{name:<12}{m['fit']:>10.4f}{m['params']:>10}{ratio:>12.3f}{m['seconds']:>9.1f}")
+    return "\n".join(lines)
+
+
+def json_line(results: dict) -> str:
+    """The last line: the summary scores, then the run's settings and every method's numbers."""
+    methods = {
+        k: {"fit": v["fit"], "params": v["params"], "seconds": round(v["seconds"], 1)}
+        for k, v in results["methods"].items()
+    }
+    extra = {k: results[k] for k in ("model", "base", "data", "steps", "seed", "images", "settings")}
+    return json.dumps({**results["summary"], "methods": methods, **extra})
+
+
+def parse_fixed(text: str) -> tuple[int, ...]:
+    try:
+        ranks = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise LoRA2Error(f"--fixed {text!r}: expected comma-separated ranks such as 4,16") from None
+    if any(rank < 1 for rank in ranks):
+        raise LoRA2Error(f"--fixed {text!r}: ranks must be at least 1")
+    return ranks
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--model", choices=MODELS, default="sd15")
+    parser.add_argument("--base", choices=("random", "pretrained"), default="random")
+    parser.add_argument("--data", choices=("targets", "samples"), default="targets")
+    parser.add_argument(
+        "--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps per method ({DEFAULT_STEPS})"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--planted", default=None, help="NAME=RANK,... (unlisted components: 0); default: seeded draw")
+    parser.add_argument("--fixed", default="", help="extra fixed-rank baselines besides r=64, e.g. 4,16")
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="SCOPE.FIELD=VALUE",
+        help="override a LoRA2Config (lora2.*, LoRA² only) or TrainConfig (train.*, every method) field; repeatable",
+    )
+    return parser
+
+
+def _progress(total: int) -> tuple[Any, Callable[[str], None]]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="step", mininterval=1.0, file=sys.stderr)
+
+    def update(method: str) -> None:
+        if bar.desc != method:
+            bar.set_description(method)
+        bar.update(1)
+
+    return bar, update
+
+
+def main(argv: list[str] | None = None) -> dict:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
+    try:
+        fixed = parse_fixed(args.fixed)
+        overrides = parse_settings(args.settings)
+    except LoRA2Error as exc:
+        parser.error(str(exc))
+    bar, update = _progress(args.steps * (2 + len([r for r in fixed if r != BASELINE_RANK])))
+    log = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    results = run(args.model, args.base, args.data, args.steps, args.seed, args.planted, overrides, fixed, update, log)
+    bar.close()
+    print(format_table(results))
+    print(json_line(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""``--set lora2.FIELD=VALUE`` / ``--set train.FIELD=VALUE``: ablations on any config field.
+
+The benchmarks train with the dataclass defaults of :class:`~lora2.config.LoRA2Config` and
+:class:`~lora2.train.TrainConfig` (the node's defaults, which are being tuned), so they never name a
+learning rate or a prior themselves; this flag is how a run changes one. Values are parsed as JSON
+when they parse (``1e-3``, ``true``, ``[1, 2]``, ``"text"``) and kept as strings otherwise (``adamw``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..lora2.config import LoRA2Config
+from ..lora2.errors import LoRA2Error
+from ..lora2.train import TrainConfig
+
+SCOPES = {"lora2": LoRA2Config, "train": TrainConfig}
+RESERVED = {"train": {"steps": "--steps"}}
+"""Fields the benchmark sets from its own flags; ``--set`` pointing at them names the flag to use."""
+
+
+@dataclass
+class Overrides:
+    """Field values from ``--set``, per dataclass."""
+
+    lora2: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {"lora2": dict(self.lora2), "train": dict(self.train)}
+
+
+def parse_value(text: str) -> Any:
+    """JSON when it parses, else the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_settings(items: list[str] | None) -> Overrides:
+    """``["lora2.alpha=8", "train.lr=3e-4"]`` → :class:`Overrides`; bad items raise naming ``--set``."""
+    overrides = Overrides()
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        scope, dot, name = key.strip().partition(".")
+        if not sep or not dot or scope not in SCOPES:
+            raise LoRA2Error(f"--set {item!r}: expected lora2.FIELD=VALUE or train.FIELD=VALUE")
+        known = {f.name for f in dataclasses.fields(SCOPES[scope])}
+        if name not in known:
+            raise LoRA2Error(f"--set {item!r}: {SCOPES[scope].__name__} has no field {name!r}; known: {sorted(known)}")
+        if name in RESERVED.get(scope, {}):
+            raise LoRA2Error(f"--set {item!r}: use {RESERVED[scope][name]} for that")
+        getattr(overrides, scope)[name] = parse_value(raw.strip())
+    return overrides
+
+
+def lora2_config(overrides: dict[str, Any] | None = None, **fixed: Any) -> LoRA2Config:
+    """A :class:`LoRA2Config` at its defaults, plus the benchmark's ``fixed`` fields and ``overrides``."""
+    return _build(LoRA2Config, "lora2", {**fixed, **(overrides or {})})
+
+
+def train_config(overrides: dict[str, Any] | None = None, **fixed: Any) -> TrainConfig:
+    """A :class:`TrainConfig` at its defaults, plus the benchmark's ``fixed`` fields and ``overrides``."""
+    return _build(TrainConfig, "train", {**fixed, **(overrides or {})})
+
+
+def _build(cls: type, scope: str, values: dict[str, Any]) -> Any:
+    try:
+        return cls(**values)
+    except (TypeError, LoRA2Error) as exc:
+        raise LoRA2Error(f"--set {scope}.*: {exc}") from exc

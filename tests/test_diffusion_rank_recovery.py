@@ -1,0 +1,176 @@
+"""bench/diffusion_rank_recovery.py: the planted teacher, the scores, ``--set``, and short runs per model.
+
+Learned-rank quality is not asserted here: the rank mechanism is being rebuilt, and judging it is
+what the benchmark itself is for.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from comfyui_lora2.bench import diffusion_rank_recovery as bench
+from comfyui_lora2.bench.image_data import encode, load_images, synthetic_images
+from comfyui_lora2.bench.settings import parse_settings, train_config
+from comfyui_lora2.bench.tiny_diffusion import MODELS, build_model, family
+from comfyui_lora2.lora2 import attach
+from comfyui_lora2.lora2.errors import LoRA2Error
+from comfyui_lora2.lora2.train import TrainConfig, Trainer
+
+JSON_KEYS = {"spearman", "growth_ratio_min", "zero_rank_max", "fit_vs_r64", "params_vs_r64", "ranks", "planted"}
+
+
+@pytest.fixture(scope="module")
+def sd15() -> torch.nn.Module:
+    return build_model("sd15", 0)
+
+
+def test_the_teacher_has_the_planted_ranks_and_differs_from_the_base_only_there(sd15) -> None:
+    layers = bench.target_layers(sd15)
+    planted = bench.draw_planted(layers, seed=3)
+    teacher, deltas = bench.make_teacher(sd15, planted, seed=3)
+    base_state, teacher_state = sd15.state_dict(), teacher.state_dict()
+    changed = {f"{name}.weight" for name, rank in planted.items() if rank > 0}
+    for key, value in base_state.items():
+        if key in changed:
+            difference = (teacher_state[key] - value).double()
+            rank = planted[key.removesuffix(".weight")]
+            assert int(torch.linalg.matrix_rank(difference, rtol=1e-6)) == rank, key
+            torch.testing.assert_close(difference.float(), deltas[key.removesuffix(".weight")])
+        else:
+            assert torch.equal(teacher_state[key], value), key
+
+
+def test_the_seeded_draw_covers_both_ends_respects_the_caps_and_repeats(sd15) -> None:
+    layers = bench.target_layers(sd15)
+    planted = bench.draw_planted(layers, seed=0)
+    assert set(planted) == set(layers)
+    assert sum(r >= 8 for r in planted.values()) >= bench.MIN_EACH_END
+    assert sum(r <= 1 for r in planted.values()) >= bench.MIN_EACH_END
+    assert all(rank <= bench.rank_cap(layers[name]) for name, rank in planted.items())
+    assert bench.draw_planted(layers, seed=0) == planted
+    assert bench.draw_planted(layers, seed=1) != planted
+
+
+def test_planted_spectra_scale_with_the_base_weight(sd15) -> None:
+    layer = next(iter(bench.target_layers(sd15).values()))
+    delta = bench.planted_delta(layer.weight, 4, torch.Generator().manual_seed(0))
+    singular = torch.linalg.svdvals(delta)
+    norm = torch.linalg.matrix_norm(layer.weight, ord=2)
+    assert torch.all(singular[:4] >= 0.5 * norm - 1e-5) and torch.all(singular[:4] <= norm + 1e-5)
+    assert torch.all(singular[4:] < 1e-5)
+
+
+def test_explicit_planted_ranks_and_their_errors(sd15) -> None:
+    layers = bench.target_layers(sd15)
+    first, second = list(layers)[:2]
+    planted = bench.parse_planted(f"{first}=8, {second}=2", layers)
+    assert planted[first] == 8 and planted[second] == 2
+    assert sum(planted.values()) == 10 and len(planted) == len(layers)
+    with pytest.raises(LoRA2Error, match="--planted"):
+        bench.parse_planted("no.such.layer=3", layers)
+    with pytest.raises(LoRA2Error, match=r"--planted.*integer"):
+        bench.parse_planted(f"{first}=many", layers)
+    with pytest.raises(LoRA2Error, match=r"--planted.*between 0 and 32"):
+        bench.parse_planted(f"{first}=33", layers)
+
+
+def test_scores_on_a_hand_made_case() -> None:
+    planted = {"a": 0, "b": 1, "c": 8, "d": 16, "e": 32, "f": 4}
+    ranks = {"a": 2, "b": 3, "c": 10, "d": 12, "e": 40, "f": 4}
+    assert bench.growth_ratio_min(planted, ranks) == pytest.approx(12 / 16)
+    assert bench.zero_rank_max(planted, ranks) == 3
+    assert bench.rank_spearman(planted, ranks) == pytest.approx(1.0)
+    assert bench.growth_ratio_min({"a": 4}, {"a": 4}) is None and bench.zero_rank_max({"a": 4}, {"a": 4}) is None
+    summary = bench.scores(planted, ranks, fit=0.2, fit_r64=0.1, params=25, params_r64=100)
+    assert summary["fit_vs_r64"] == pytest.approx(2.0) and summary["params_vs_r64"] == pytest.approx(0.25)
+    assert set(summary) == JSON_KEYS
+    assert bench.rank_spearman({"a": 0, "b": 8}, {"a": 4, "b": 2}) == pytest.approx(-1.0)
+
+
+def test_set_reaches_both_configs() -> None:
+    overrides = parse_settings(["lora2.prior_strength=0.123", "lora2.adaptive=true", "train.optimizer=sgd"])
+    methods = bench.methods_for("attn", seed=5, overrides=overrides, fixed=(4,))
+    lora2, r64, r4 = (m.config for m in methods)
+    assert lora2.prior_strength == 0.123 and lora2.seed == 5 and lora2.targets == "attn"
+    assert r64.prior_strength != 0.123 and not r64.adaptive and r64.init_rank == r64.max_rank == 64
+    assert r4.init_rank == 4 and [m.name for m in methods] == ["lora2", "lora_r64", "lora_r4"]
+    config = train_config(overrides.train, steps=7)
+    assert config.optimizer == "sgd" and config.steps == 7 and config.lr == TrainConfig().lr
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("lora2.no_such_field=1", "no field 'no_such_field'"),
+        ("prior_strength=1", "lora2.FIELD=VALUE"),
+        ("train.steps=5", "--steps"),
+        ("lora2.init_rank=0", "init_rank"),
+    ],
+)
+def test_bad_set_items_name_the_flag(item: str, message: str) -> None:
+    with pytest.raises(LoRA2Error, match=message):
+        overrides = parse_settings([item])
+        bench.methods_for("attn", 0, overrides, ())
+
+
+def test_bad_cli_input_is_an_argparse_error(capsys) -> None:
+    for argv in (["--set", "lora2.bogus=1"], ["--fixed", "4,x"], ["--steps", "0"], ["--model", "sd3"]):
+        with pytest.raises(SystemExit):
+            bench.main(argv)
+    assert "--set" in capsys.readouterr().err
+
+
+def test_the_residual_loss_is_the_student_teacher_gap(sd15) -> None:
+    """Through the ordinary Trainer, the loss is ‖student − teacher‖² (the student starts at the base)."""
+    fam = family("sd15")
+    layers = bench.target_layers(sd15)
+    teacher, _ = bench.make_teacher(sd15, bench.draw_planted(layers, 0), 0)
+    student = build_model("sd15", 0)
+    handle = attach(student, bench.methods_for("attn", 0, parse_settings([]), ())[0].config)
+    images = load_images(fam, 0)
+    batch = next(bench.batch_stream(images, fam, 2, 0))
+    rule = bench.ZeroTarget(fam.rule())
+    denoiser = bench.residual_denoiser(fam.denoiser(student), fam.denoiser(teacher))
+    trainer = Trainer(denoiser, rule, iter([batch]), handle, train_config(steps=1, dtype="float32"))
+    generator = torch.Generator().manual_seed(0)
+    loss = trainer._loss(batch, generator)
+    generator = torch.Generator().manual_seed(0)  # the same draws as Trainer._loss: noise, then levels
+    noise = torch.randn(batch.latents.shape, generator=generator)
+    prepared = fam.rule().prepare(batch.latents, noise, generator)
+    with torch.no_grad():
+        gap = fam.denoiser(sd15)(prepared.model_input, prepared.timestep, batch.conditioning)
+        gap = gap - fam.denoiser(teacher)(prepared.model_input, prepared.timestep, batch.conditioning)
+    assert float(loss.detach()) == pytest.approx(float(gap.pow(2).mean()), rel=1e-5)
+    assert float(loss.detach()) > 0
+
+
+def test_the_latent_encoder_is_deterministic_with_unit_scale() -> None:
+    images = synthetic_images(6, seed=0)
+    for name in MODELS:
+        fam = family(name)
+        latents = encode(images, fam)
+        assert latents.shape == (6, *fam.latent_shape())
+        assert torch.equal(latents, encode(images, fam))
+        assert latents.std().item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_synthetic_images_stand_in_without_the_photos(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("LORA2_DREAMBOOTH_DIR", str(tmp_path / "absent"))
+    images = load_images(family("sd15"), seed=0)
+    assert images.source == "synthetic" and len(images.subjects) == len(images.latents) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("model", "data"), [("sd15", "targets"), ("sdxl", "samples"), ("flux", "targets")])
+def test_a_three_step_run_prints_the_json_line(model: str, data: str, capsys) -> None:
+    results = bench.main(["--model", model, "--data", data, "--steps", "3", "--set", "lora2.prior_strength=0.125"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    line = json.loads(last)
+    assert JSON_KEYS <= set(line)
+    assert set(line["ranks"]) == set(line["planted"]) == set(bench.target_layers(build_model(model, 0)))
+    assert line["settings"]["lora2"] == {"prior_strength": 0.125}
+    assert results["methods"]["lora_r64"]["params"] > 0 and line["steps"] == 3
+    assert all(value >= 0 for value in (line["fit_vs_r64"], line["params_vs_r64"]))
