@@ -1,12 +1,14 @@
 """What a LoRA² run is configured with, validated once where it arrives.
 
 Worked example (the defaults): every attention projection (``targets="attn"``) starts at width 4
-(``init_rank``); its rate λ starts where the width-4 quantile sits. Each optimizer step, ``step()``
-re-reads every component's width ``⌈−ln(1−0.85)/λ⌉ + 1`` and grows or shrinks it, never past
-``max_rank=64``. The loss the caller minimises is ``data_loss + handle.regularizer()``, where the
-regulariser is ``prior_strength · [Σ_ℓ (λ_ℓ − 2)² / 2 + Σ_θ θ² / 2]``; ``prior_strength`` plays the role
-of ``1/N`` in the ELBO (N = the number of training examples), so a larger value means "less rank,
-smaller weights".
+(``init_rank``). While it trains, its gradient sketch looks for directions of the loss gradient that
+no position can follow; every ``decide_every=10`` steps a component grows by each such direction whose
+evidence passes ``growth_z=4`` (up to 4 at once, never past ``max_rank=64``), and, 50 steps after its
+last growth, sheds directions whose singular value fell below 5 % of its largest (``rank_control.py``).
+ν follows the width. The loss the caller minimises is ``data_loss + handle.regularizer()``, where the
+regulariser is ``prior_strength · Σ_θ θ²/2`` (the weight prior; ``prior_strength`` plays the role of
+``1/N`` in the ELBO). With ``rank_control="gradient"`` (the ablation), ν is learned instead and the
+regulariser adds the rank prior ``Σ_ℓ (λ_ℓ − 2)²/2``; the width is read off ν's quantile every step.
 
 ``adaptive=False`` turns the same code into plain fixed-rank LoRA: ν is frozen, every position gets the
 same weight ``1/init_rank`` (so the scale is the familiar ``alpha / rank``), and the width never changes.
@@ -85,6 +87,8 @@ class LoRA2Config:
     """Evidence rule: z-statistic a gradient direction outside the span needs to count as real."""
     growth_fade: float = 0.02
     """Evidence rule: a direction also needs this share of the strongest wish the component ever showed."""
+    growth_alignment: float = 0.9
+    """Evidence rule: how converged a direction must be (``GradientSketch.alignment``, 0..1) to be grown."""
     growth_directions: int = 4
     """Evidence rule: directions tracked per component, and so the most positions added at once."""
     evidence_beta: float = 0.9

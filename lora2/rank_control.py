@@ -53,10 +53,7 @@ class RankRule:
     growth_directions: int
     shrink_ratio: float
     shrink_floor: float
-
-
-ALIGNMENT = 0.9
-"""A tracked direction must have converged this far (``GradientSketch.alignment``) before it is grown."""
+    growth_alignment: float = 0.9
 
 
 def growth_count(
@@ -65,7 +62,7 @@ def growth_count(
     """How many new positions the evidence asks for: the leading directions that pass every test."""
     passes = (z > rule.growth_z) & (strength > rule.growth_fade * peak) & (strength > 0)
     if alignment is not None:
-        passes &= alignment > ALIGNMENT
+        passes &= alignment > rule.growth_alignment
     count = 0
     for ok in passes.tolist()[: rule.growth_directions]:
         if not ok:
@@ -115,6 +112,7 @@ class EvidenceControl:
             growth_directions=config.growth_directions,
             shrink_ratio=config.shrink_ratio,
             shrink_floor=config.shrink_floor,
+            growth_alignment=config.growth_alignment,
         )
         self.last_growth = 0
         self.weight_norm: float | None = None

@@ -22,40 +22,74 @@ from .types import Adapter as AdapterType
 from .types import History as HistoryType
 
 CUSTOM_TARGETS = "custom regex"
+LORA2_MODE = "LoRA²"
+MODES = {LORA2_MODE: True, "fixed rank": False}
+"""The ``mode`` widget: ``LoRA2Config.adaptive``."""
+LORA2_DEFAULTS, TRAIN_DEFAULTS = LoRA2Config(), TrainConfig()
+"""Every widget's default comes from the config dataclasses: one source of truth."""
 
 
 def _schema_inputs() -> list:
     return [
         io.Model.Input("model", tooltip="The diffusion model to personalise (SD1.5, SDXL, Flux, SD3, ...)."),
         Dataset.Input("dataset", tooltip="Encoded images and captions from LoRA² Dataset."),
-        io.Int.Input("steps", default=500, min=1, max=200_000, tooltip="Optimizer steps to train for (in total)."),
-        io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per step (from one size bucket)."),
+        io.Int.Input(
+            "steps",
+            default=TRAIN_DEFAULTS.steps,
+            min=1,
+            max=200_000,
+            tooltip="Optimizer steps to train for (in total).",
+        ),
+        io.Int.Input(
+            "batch_size",
+            default=TRAIN_DEFAULTS.batch_size,
+            min=1,
+            max=64,
+            tooltip="Images per step (from one size bucket).",
+        ),
         io.Float.Input(
-            "learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=1e-7, tooltip="LoRA factors' rate."
+            "learning_rate",
+            default=TRAIN_DEFAULTS.lr,
+            min=1e-7,
+            max=1.0,
+            step=1e-5,
+            round=1e-7,
+            tooltip="LoRA factors' rate.",
         ),
         io.Float.Input(
             "rank_learning_rate",
-            default=5e-2,
+            default=TRAIN_DEFAULTS.nu_lr,
             min=0.0,
             max=1.0,
             step=1e-3,
             round=1e-6,
-            tooltip="Learning rate of the rank parameters ν (how fast ranks can move).",
+            tooltip="Learning rate of the rank parameters ν; used only by the 'gradient' rank control ablation "
+            "(the default rank control follows gradient evidence and needs no rate).",
         ),
-        io.Combo.Input("optimizer", options=available_optimizers(), default="adamw", tooltip="Optimizer."),
-        io.Int.Input("init_rank", default=4, min=2, max=512, tooltip="Rank every component starts at."),
-        io.Int.Input("max_rank", default=64, min=2, max=1024, tooltip="No component grows past this (memory cap)."),
+        io.Combo.Input(
+            "optimizer", options=available_optimizers(), default=TRAIN_DEFAULTS.optimizer, tooltip="Optimizer."
+        ),
+        io.Int.Input(
+            "init_rank", default=LORA2_DEFAULTS.init_rank, min=2, max=512, tooltip="Rank every component starts at."
+        ),
+        io.Int.Input(
+            "max_rank",
+            default=LORA2_DEFAULTS.max_rank,
+            min=2,
+            max=1024,
+            tooltip="No component grows past this (memory cap).",
+        ),
         io.Combo.Input(
             "targets",
             options=[*PRESETS, CUSTOM_TARGETS],
-            default="attn",
+            default=LORA2_DEFAULTS.targets,
             tooltip="Which layers to adapt: attention q/k/v/out (paper default), plus feed-forward, every "
             "linear layer, everything incl. convolutions, or the regex below.",
         ),
         io.String.Input("custom_targets", default="", tooltip="Regex on layer names, used with 'custom regex'."),
         io.Float.Input(
             "importance_mass",
-            default=0.85,
+            default=LORA2_DEFAULTS.mass,
             min=0.5,
             max=0.99,
             step=0.01,
@@ -63,22 +97,30 @@ def _schema_inputs() -> list:
         ),
         io.Float.Input(
             "prior_strength",
-            default=1e-4,
+            default=LORA2_DEFAULTS.prior_strength,
             min=0.0,
             max=1.0,
             step=1e-6,
             round=1e-8,
             tooltip="Weight of the priors (the ELBO's 1/N): larger = smaller ranks and weights.",
         ),
-        io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed for initialisation, noise and data order."),
+        io.Int.Input(
+            "seed",
+            default=TRAIN_DEFAULTS.seed,
+            min=0,
+            max=2**31 - 1,
+            tooltip="Seed for initialisation, noise and data order.",
+        ),
         io.Combo.Input(
             "training_dtype",
             options=["bfloat16", "float16", "float32"],
-            default="bfloat16",
+            default=TRAIN_DEFAULTS.dtype,
             tooltip="Compute precision (adapter weights stay float32).",
         ),
         io.Boolean.Input(
-            "gradient_checkpointing", default=False, tooltip="Recompute activations: much less memory, ~30% slower."
+            "gradient_checkpointing",
+            default=TRAIN_DEFAULTS.gradient_checkpointing,
+            tooltip="Recompute activations: much less memory, ~30% slower.",
         ),
         io.Int.Input(
             "save_every",
@@ -97,6 +139,14 @@ def _schema_inputs() -> list:
             options=host.resume_choices(),
             default="none",
             tooltip="Continue a run from its .lora2state (weights, ν, ranks, optimizer state, step).",
+        ),
+        io.Combo.Input(
+            "mode",
+            options=list(MODES),
+            default=LORA2_MODE,
+            optional=True,
+            tooltip="LoRA²: every component learns its own rank from init_rank up to max_rank. Fixed rank: plain "
+            "LoRA at init_rank everywhere, through the same code, to A/B the two on your subject.",
         ),
     ]
 
@@ -141,6 +191,7 @@ def _lora2_config(settings: dict) -> LoRA2Config:
             raise LoRA2Error("targets is 'custom regex' but custom_targets is empty; write a regex on layer names")
     return LoRA2Config(
         targets=targets,
+        adaptive=MODES[settings.get("mode", LORA2_MODE)],
         init_rank=settings["init_rank"],
         max_rank=settings["max_rank"],
         mass=settings["importance_mass"],

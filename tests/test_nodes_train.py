@@ -82,6 +82,41 @@ def test_pack_registers_its_nodes(comfy_host: ComfyHost) -> None:
                 assert spec[1].get("tooltip"), f"LoRA2Train input {name} has no tooltip"
 
 
+def test_train_widget_defaults_are_the_config_defaults(comfy_host: ComfyHost) -> None:
+    from comfyui_lora2.lora2 import LoRA2Config
+    from comfyui_lora2.lora2.train import TrainConfig
+
+    info = comfy_host.nodes.NODE_CLASS_MAPPINGS["LoRA2Train"].INPUT_TYPES()
+    widgets = {name: spec[1].get("default") for section in info.values() for name, spec in section.items()}
+    lora2, train = LoRA2Config(), TrainConfig()
+    expected = {
+        "steps": train.steps,
+        "batch_size": train.batch_size,
+        "learning_rate": train.lr,
+        "rank_learning_rate": train.nu_lr,
+        "optimizer": train.optimizer,
+        "init_rank": lora2.init_rank,
+        "max_rank": lora2.max_rank,
+        "targets": lora2.targets,
+        "importance_mass": lora2.mass,
+        "prior_strength": lora2.prior_strength,
+        "training_dtype": train.dtype,
+        "gradient_checkpointing": train.gradient_checkpointing,
+        "mode": "LoRA²",
+    }
+    assert {name: widgets[name] for name in expected} == expected
+
+
+def test_fixed_rank_mode_trains_plain_lora_through_the_same_node(comfy_host: ComfyHost, subject: Path) -> None:
+    from support.tiny_nodes import CAPTURED
+
+    run_prompt(training_prompt("sd15", steps=12, mode="fixed rank", init_rank=6)).raise_for_failure()
+    history, adapter = CAPTURED["history-sd15"], CAPTURED["adapter-sd15"]
+    assert adapter.config.adaptive is False
+    assert set(adapter.ranks().values()) == {6}
+    assert all(set(row) == {6} for row in history["ranks"])
+
+
 def test_sd15_dataset_train_apply_sample(comfy_host: ComfyHost, subject: Path) -> None:
     from support.tiny_nodes import CAPTURED
 
@@ -92,7 +127,9 @@ def test_sd15_dataset_train_apply_sample(comfy_host: ComfyHost, subject: Path) -
     assert history["eval_loss"][-1] < history["eval_loss"][0], history["eval_loss"]
     ranks = adapter.ranks()
     assert len(ranks) == 7 * 8  # 7 transformer blocks x attn1/attn2 x q/k/v/out
-    assert any(rank != 4 for rank in ranks.values()) and len(set(ranks.values())) > 1, ranks
+    # 20 steps are too few for the evidence rule (decide_every=10, ~19-step evidence windows) to move a
+    # width; growth and shrinking are pinned in tests/test_rank_control.py and the benchmarks
+    assert all(1 <= rank <= 16 for rank in ranks.values()), ranks
     assert adapter.base_model == "TinySD15" or adapter.base_model.endswith("SD15")
     image = CAPTURED["image-sd15"]
     assert tuple(image.shape) == (1, 64, 64, 3) and bool(torch.isfinite(image).all())
@@ -173,8 +210,8 @@ def test_cancel_saves_a_valid_adapter_and_resume_continues(comfy_host: ComfyHost
     assert len(history["loss"]) == 12 and history["loss"][:7] == partial.history["loss"]
     final = CAPTURED["adapter-sd15"]
     assert final.steps == 12
-    # factors stepped 12 times; the ν's stopped at the rank freeze (step 12 - 20 % = 10)
-    assert {float(v["step"]) for v in final.resume.optimizer_state["state"].values()} == {10.0, 12.0}
+    # every factor stepped 12 times (ν follows the width under the evidence rule: not an optimizer parameter)
+    assert {float(v["step"]) for v in final.resume.optimizer_state["state"].values()} == {12.0}
 
 
 @pytest.mark.parametrize("family", ["sdxl", "flux"])

@@ -155,7 +155,7 @@ def test_sketch_finds_the_top_direction_outside_the_span() -> None:
     for _ in range(300):
         sketch.observe(x, delta)
     projected = gradient - gradient @ span_in @ span_in.T
-    u, s, vh = torch.linalg.svd(projected)
+    _, s, vh = torch.linalg.svd(projected)
     direction = sketch.new_directions(1)[0]
     assert abs(float(direction @ vh[0])) > 0.999
     assert float(sketch.strength()[0]) == pytest.approx(float(s[0]), rel=1e-3)
