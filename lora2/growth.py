@@ -71,7 +71,7 @@ class GradientSketch:
         self.reset_evidence()
 
     def to(self, device: torch.device) -> GradientSketch:
-        for name in ("u", "v", "a", "b", "s_mean", "s_square", "peak"):
+        for name in self._STATE:
             setattr(self, name, getattr(self, name).to(device))
         for name in ("basis_in", "basis_out"):
             value = getattr(self, name)
@@ -79,7 +79,7 @@ class GradientSketch:
                 setattr(self, name, value.to(device))
         return self
 
-    _STATE = ("u", "v", "a", "b", "s_mean", "s_square", "peak")
+    _STATE = ("u", "v", "a", "b", "s_mean", "s_sum", "s_square_sum", "peak")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """What continuing exactly needs (the spans are recomputed from the factors on load)."""
@@ -123,7 +123,8 @@ class GradientSketch:
         self.a.mul_(beta).add_(a, alpha=1 - beta)
         self.b.mul_(beta).add_(b, alpha=1 - beta)
         self.s_mean.mul_(beta).add_(s, alpha=1 - beta)
-        self.s_square.mul_(beta).add_(s * s, alpha=1 - beta)
+        self.s_sum.add_(s)
+        self.s_square_sum.add_(s * s)
         self.count += 1
         self.peak = torch.maximum(self.peak, self.strength().max())
         self.u = _signed_orthonormal(self.a)
@@ -133,7 +134,8 @@ class GradientSketch:
         """Forget the statistics (after the width changed, what they measured is in the span now)."""
         device = self.u.device
         self.s_mean = torch.zeros(self.k, device=device)
-        self.s_square = torch.zeros(self.k, device=device)
+        self.s_sum = torch.zeros(self.k, device=device)
+        self.s_square_sum = torch.zeros(self.k, device=device)
         self.count = 0
 
     # ----------------------------------------------------------------- the evidence
@@ -156,14 +158,17 @@ class GradientSketch:
         return (self.s_mean / correction) / (self.b.norm(dim=0) / correction).clamp(min=1e-30)
 
     def z_scores(self) -> torch.Tensor:
-        """The z-statistic of ``s_j`` per direction (its mean over the EMA's standard error)."""
-        if self.count == 0:
+        """The z-statistic of ``s_j`` per direction: its mean since the last reset over its standard error.
+
+        A plain mean over every step since the width last changed, not the EMA: diffusion gradients of
+        one image are noisy (per-step signal-to-noise well below 1), and only a test whose sample grows
+        with time can tell a small, persistent wish from noise. Pure noise keeps ``z ~ N(0, 1)``.
+        """
+        if self.count < 2:
             return torch.zeros(self.k, device=self.u.device)
-        correction = 1.0 - self.beta**self.count
-        mean = self.s_mean / correction
-        variance = (self.s_square / correction - mean * mean).clamp(min=0.0)
-        effective = (1.0 - self.beta) / (1.0 + self.beta)
-        return mean / (variance * effective).sqrt().clamp(min=1e-30)
+        mean = self.s_sum / self.count
+        variance = (self.s_square_sum / self.count - mean * mean).clamp(min=0.0)
+        return mean / (variance / self.count).sqrt().clamp(min=1e-30)
 
     def new_directions(self, count: int) -> torch.Tensor:
         """The first ``count`` tracked input directions, orthonormal rows ``[count, in]`` outside the span."""
