@@ -298,6 +298,25 @@ class Trainer:
         self.history.eval_steps.append(self.step)
         self.history.eval_loss.append(self.evaluate())
 
+    def _stop_on_non_finite(self, batch: BatchLike, what: str) -> None:
+        """NaN/inf within one step: keep the last finite adapter (like Cancel) and say the likely cause.
+
+        The check runs before the optimizer step, so the factors are still those of the last finite
+        step; ``on_checkpoint`` writes them. The cause is read off what is at hand: non-finite latents or
+        conditioning mean the data; float16 compute means its range; otherwise the learning rate.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        saved = self.on_checkpoint(self.step, self) if self.on_checkpoint is not None and self.step > 0 else None
+        tensors = [batch.latents, *batch.conditioning.values()]
+        if not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
+            cause = "the training data holds NaN/inf values (check the dataset's latents and conditioning)"
+        elif self.config.dtype == "float16":
+            cause = "float16 overflowed; train in bfloat16 or float32"
+        else:
+            cause = f"the learning rate is probably too high (lr={self.config.lr}); lower it"
+        where = f"; the last finite adapter (step {self.step}) was saved to {saved}" if saved else ""
+        raise LoRA2Error(f"{what} at step {self.step}: {cause}{where}")
+
     def run(self) -> TrainResult:
         """Train until ``config.steps`` (or a stop request); returns the history and the optimizer."""
         cfg = self.config
@@ -313,12 +332,10 @@ class Trainer:
                 if self.step >= cfg.freeze_step and not self.handle.ranks_frozen:
                     self.handle.freeze_ranks()
                 self._set_lr()
-                data_loss = self._loss(next(self.batches))
+                batch = next(self.batches)
+                data_loss = self._loss(batch)
                 if not math.isfinite(float(data_loss.detach())):
-                    raise LoRA2Error(
-                        f"the loss became {float(data_loss)} at step {self.step}; lower the learning rate "
-                        "or train in bfloat16/float32"
-                    )
+                    self._stop_on_non_finite(batch, f"the loss became {float(data_loss.detach())}")
                 objective = data_loss if self.handle.ranks_frozen else data_loss + self.handle.regularizer()
                 if scaler is not None:
                     scaler.scale(objective).backward()
@@ -327,7 +344,9 @@ class Trainer:
                     objective.backward()
                 params = list(self.handle.parameters())
                 if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    if scaler is None and not math.isfinite(float(norm)):
+                        self._stop_on_non_finite(batch, f"the gradient norm became {float(norm)}")
                 if scaler is not None:
                     scaler.step(self.optimizer)
                     scaler.update()

@@ -110,6 +110,37 @@ def test_cancel_stops_after_the_current_step() -> None:
     assert result.stopped_early and result.step == 5 and len(result.history.loss) == 5
 
 
+def _poisoned(batches, at: int):
+    """The same batches, with NaN latents from the ``at``-th on (bad data)."""
+
+    def generate():
+        for index, batch in enumerate(batches()):
+            if index >= at:
+                batch = Batch(torch.full_like(batch.latents, float("nan")), batch.conditioning)
+            yield batch
+
+    return generate
+
+
+@pytest.mark.parametrize("source", ["data", "model"])
+def test_non_finite_loss_saves_the_last_finite_adapter_and_names_the_cause(source: str) -> None:
+    unet = tiny_unet()
+    _, _, batches = data()
+    trainer = make_trainer(unet, _poisoned(batches, 4) if source == "data" else batches, steps=10)
+    if source == "model":  # finite data, a blow-up inside the model: blame the learning rate
+        denoise = trainer.denoiser
+        trainer.denoiser = lambda x, t, c: denoise(x, t, c) * (float("inf") if trainer.step >= 4 else 1.0)
+    saved: list[tuple[int, torch.Tensor]] = []
+    trainer.on_checkpoint = lambda step, t: saved.append((step, t.handle.delta(next(iter(t.handle.ranks()))))) or "ckpt"
+    name = next(iter(trainer.handle.ranks()))
+    with pytest.raises(LoRA2Error, match="data" if source == "data" else "learning rate") as error:
+        trainer.run()
+    assert "step 4" in str(error.value) and "saved to ckpt" in str(error.value)
+    assert [step for step, _ in saved] == [4]
+    torch.testing.assert_close(saved[0][1], trainer.handle.delta(name))  # nothing stepped on the bad batch
+    assert bool(torch.isfinite(trainer.handle.delta(name)).all())
+
+
 def test_resume_continues_exactly_where_it_stopped() -> None:
     _, _, batches = data()
     straight = make_trainer(tiny_unet(), batches, steps=20)
