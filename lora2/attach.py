@@ -285,6 +285,8 @@ class LoRA2Handle:
             own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             control.load_state_dict(own)  # an older file without evidence state: the evidence restarts
         self.step_count = int(state[STEP_KEY])
+        for control in self._controls.values():
+            control.component.observe_token = self.step_count  # the next step is observed, as it was
 
     # ----------------------------------------------------------------- teardown
     def detach(self) -> None:

@@ -85,6 +85,10 @@ class GradientSketch:
         """What continuing exactly needs (the spans are recomputed from the factors on load)."""
         state = {name: getattr(self, name).detach().clone() for name in self._STATE}
         state["count"] = torch.tensor(self.count, dtype=torch.int64)
+        for name in ("basis_in", "basis_out"):  # as last set: a fresh span would steer the sketch elsewhere
+            value = getattr(self, name)
+            if value is not None:
+                state[name] = value.detach().clone()
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -93,6 +97,8 @@ class GradientSketch:
             setattr(self, name, state[name].to(device, torch.float32).clone())
         self.count = int(state["count"])
         self.k = self.u.shape[1]
+        for name in ("basis_in", "basis_out"):
+            setattr(self, name, state[name].to(device, torch.float32).clone() if name in state else None)
 
     # ----------------------------------------------------------------- spans of the current positions
     def set_spans(self, down: torch.Tensor, up: torch.Tensor) -> None:

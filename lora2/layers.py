@@ -82,7 +82,7 @@ class AdaptiveLoRA(nn.Module):
         self.nu = nn.Parameter(torch.tensor(float(nu), dtype=torch.float32, device=device), requires_grad=adaptive)
         self.sketch: GradientSketch | None = None
         """Set by the handle when widths follow gradient evidence; fed from the backward pass."""
-        self.observe_token: object = None
+        self.observe_token: object = 0
         """Changes once per optimizer step: the sketch takes one gradient per step (not a recomputation's)."""
         self._observed_token: object = None
 
@@ -140,7 +140,7 @@ class AdaptiveLoRA(nn.Module):
             out = F.conv2d(hidden * scale.view(1, -1, 1, 1), up)
         else:
             out = F.conv2d(F.conv2d(x, down, **self.conv_kwargs) * scale.view(1, -1, 1, 1), up)
-        if self.sketch is not None and out.requires_grad and self._observed_token is not self.observe_token:
+        if self.sketch is not None and out.requires_grad and self._observed_token != self.observe_token:
             self._observed_token = self.observe_token
             inputs = x.detach()
             out.register_hook(lambda grad: self._observe(inputs, grad))

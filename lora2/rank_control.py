@@ -134,7 +134,8 @@ class EvidenceControl:
             self.last_growth = int(state["last_growth"])
         if self.sketch is not None and "u" in state:
             self.sketch.load_state_dict(state)
-        self.refresh_spans()
+        else:
+            self.refresh_spans()
 
     @property
     def sketch(self) -> GradientSketch | None:

@@ -254,12 +254,19 @@ class Trainer:
         return optimizer
 
     def resume(self, step: int, optimizer_state: dict | None, history: History, generator_state: torch.Tensor) -> None:
-        """Continue from a saved run; the handle must already hold the saved adapter state."""
+        """Continue from a saved run; the handle must already hold the saved adapter state.
+
+        ``batches`` must be the run's stream from its start (the same dataset and seed): the first
+        ``step`` batches are drawn and dropped, one per step done, so the data order continues where it
+        stopped and ``n + m`` steps equal ``n + m`` straight ones bit for bit on CPU.
+        """
         if step >= self.config.steps:
             raise LoRA2Error(f"the saved run already did {step} steps; raise steps above that to continue it")
         self.optimizer = self._build_optimizer()  # the handle's parameters were replaced by load_state_dict
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
+        for _ in range(step):
+            next(self.batches)
         self.step = step
         self.history = history
         self.generator.set_state(generator_state)

@@ -210,6 +210,11 @@ def test_cancel_saves_a_valid_adapter_and_resume_continues(comfy_host: ComfyHost
     assert len(history["loss"]) == 12 and history["loss"][:7] == partial.history["loss"]
     final = CAPTURED["adapter-sd15"]
     assert final.steps == 12
+    run_prompt(training_prompt("sd15", steps=12)).raise_for_failure()  # the same 12 steps, straight
+    assert CAPTURED["history-sd15"]["loss"] == history["loss"]  # 7 + 5 = 12, bit for bit (data order too)
+    straight = CAPTURED["adapter-sd15"]
+    for name, component in straight.components.items():
+        assert torch.equal(component.delta(), final.components[name].delta()), name
     # every factor stepped 12 times (ν follows the width under the evidence rule: not an optimizer parameter)
     assert {float(v["step"]) for v in final.resume.optimizer_state["state"].values()} == {12.0}
 
