@@ -65,6 +65,7 @@ class GradientSketch:
         self.v = _signed_orthonormal(torch.randn(in_features, self.k, generator=generator))
         self.a = torch.zeros(out_features, self.k)
         self.b = torch.zeros(in_features, self.k)
+        self.b_energy = torch.zeros(self.k)
         self.basis_in: torch.Tensor | None = None
         self.basis_out: torch.Tensor | None = None
         self.peak = torch.zeros(())
@@ -79,7 +80,7 @@ class GradientSketch:
                 setattr(self, name, value.to(device))
         return self
 
-    _STATE = ("u", "v", "a", "b", "s_mean", "s_sum", "s_square_sum", "peak")
+    _STATE = ("u", "v", "a", "b", "b_energy", "s_mean", "s_sum", "s_square_sum", "peak")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """What continuing exactly needs (the spans are recomputed from the factors on load)."""
@@ -128,6 +129,7 @@ class GradientSketch:
         beta = self.beta
         self.a.mul_(beta).add_(a, alpha=1 - beta)
         self.b.mul_(beta).add_(b, alpha=1 - beta)
+        self.b_energy.mul_(beta).add_(b.pow(2).sum(dim=0), alpha=1 - beta)
         self.s_mean.mul_(beta).add_(s, alpha=1 - beta)
         self.s_sum.add_(s)
         self.s_square_sum.add_(s * s)
@@ -157,11 +159,18 @@ class GradientSketch:
         1 exactly when ``v_j`` is a right singular vector of ``E[G⊥]`` (then ``G⊥ᵀu_j ∥ v_j``); growing
         along a direction that has not converged leaves part of the need outside the span, and the
         next decision grows again: over-growth that the shrink rule must then undo.
+
+        ``‖E[G⊥]ᵀ u_j‖`` is estimated without the noise: an EMA ``b̄`` of noisy ``b_t`` carries
+        ``c = (1−β)/(1+β)`` of their noise energy, so ``‖E b‖² ≈ (‖b̄‖² − c·E‖b_t‖²) / (1 − c)``. Measured on
+        one-image diffusion batches, the raw ratio sat at 0.2-0.6 for directions that were real.
         """
         if self.count == 0:
             return torch.zeros(self.k, device=self.u.device)
         correction = 1.0 - self.beta**self.count
-        return (self.s_mean / correction) / (self.b.norm(dim=0) / correction).clamp(min=1e-30)
+        c = (1.0 - self.beta) / (1.0 + self.beta)
+        smoothed = (self.b.norm(dim=0) / correction).pow(2)
+        signal = ((smoothed - c * self.b_energy / correction) / (1.0 - c)).clamp(min=1e-30)
+        return ((self.s_mean / correction) / signal.sqrt()).clamp(max=1.0)
 
     def z_scores(self) -> torch.Tensor:
         """The z-statistic of ``s_j`` per direction: its mean since the last reset over its standard error.
