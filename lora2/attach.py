@@ -207,6 +207,15 @@ class LoRA2Handle:
             changes[name] = change
         return changes
 
+    def discard_non_finite_evidence(self) -> None:
+        """Reset every gradient sketch that took in NaN/inf (called when a step blew up, before a checkpoint)."""
+        for control in self._controls.values():
+            sketch = control.sketch
+            if sketch is not None and not all(
+                bool(torch.isfinite(t).all()) for t in (sketch.a, sketch.b, sketch.s_sum)
+            ):
+                control.reset_sketch()
+
     # ----------------------------------------------------------------- inspection
     def ranks(self) -> dict[str, int]:
         """``{component: current width}``."""

@@ -137,6 +137,15 @@ class EvidenceControl:
         else:
             self.refresh_spans()
 
+    def reset_sketch(self) -> None:
+        """Start the evidence afresh (fresh directions and statistics) on the current spans."""
+        c = self.component
+        if c.sketch is not None:
+            c.sketch = GradientSketch(
+                c.fan_in, c.out_features, self.config.growth_directions, self.config.evidence_beta, c.generator
+            ).to(c.nu.device)
+            self.refresh_spans()
+
     @property
     def sketch(self) -> GradientSketch | None:
         return self.component.sketch

@@ -313,6 +313,7 @@ class Trainer:
         conditioning mean the data; float16 compute means its range; otherwise the learning rate.
         """
         self.optimizer.zero_grad(set_to_none=True)
+        self.handle.discard_non_finite_evidence()  # the backward may have fed the sketches NaN
         saved = self.on_checkpoint(self.step, self) if self.on_checkpoint is not None and self.step > 0 else None
         tensors = [batch.latents, *batch.conditioning.values()]
         if not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):

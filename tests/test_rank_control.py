@@ -218,3 +218,15 @@ def test_evidence_state_round_trips_so_resume_decides_alike() -> None:
         assert restored.last_growth == control.last_growth
         assert restored.sketch.count == control.sketch.count
         torch.testing.assert_close(restored.sketch.z_scores(), control.sketch.z_scores(), atol=0, rtol=0)
+
+
+def test_non_finite_evidence_is_discarded_not_checkpointed() -> None:
+    handle, _, _ = fit(rank_q=0, rank_v=6, steps=15)
+    poisoned = handle._controls["to_v"].sketch
+    poisoned.observe(torch.full((4, DIM), float("nan")), torch.ones(4, DIM))
+    clean = handle._controls["to_q"].sketch
+    handle.discard_non_finite_evidence()
+    fresh = handle._controls["to_v"].sketch
+    assert fresh is not poisoned and fresh.count == 0
+    assert all(bool(torch.isfinite(value).all()) for value in fresh.state_dict().values())
+    assert handle._controls["to_q"].sketch is clean  # a finite sketch keeps its evidence
