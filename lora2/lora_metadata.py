@@ -79,7 +79,7 @@ def _history(value: Any, source: str) -> dict[str, Any] | None:
         isinstance(row, list) and all(isinstance(r, int) and not isinstance(r, bool) for r in row) for row in ranks
     ):
         raise LoRA2Error(f"{where}: 'ranks' must be a list of integer lists, one per step")
-    for name in ("eval_steps", "eval_loss"):
+    for name in ("eval_steps", "eval_loss", "validation_steps"):
         series = value.get(name, [])
         if not isinstance(series, list) or not all(_is_number(x) for x in series):
             raise LoRA2Error(f"{where}: '{name}' must be a list of numbers")

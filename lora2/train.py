@@ -46,6 +46,8 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch
 log = logging.getLogger(__name__)
 
 BASE_OPTIMIZERS = ("adamw", "adam", "sgd")
+AUTO_EVAL_MIN_INTERVAL = 10
+"""``eval_every = 0`` evaluates about 10 times per run, but never more often than every this many steps."""
 OPTIONAL_OPTIMIZERS = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}
 
 
@@ -106,8 +108,9 @@ class TrainConfig:
     """Call ``on_checkpoint`` every this many steps (0: never; the caller also saves at the end)."""
     eval_every: int = 0
     """Measure the loss on one fixed batch (fixed noise and noise levels) every this many steps, and at
-    the start and the end; 0 picks ~10 points. The training loss jumps with every random noise level;
-    this one only moves when the model does, so it shows whether training helps."""
+    the start and the end; 0 picks about 10 points, at most one every 10 steps (an evaluation costs about
+    a third of a step: every step would add 35-45 % to a short run). The training loss jumps with every
+    random noise level; this one only moves when the model does, so it shows whether training helps."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -119,6 +122,8 @@ class TrainConfig:
             raise LoRA2Error(f"learning rates must be positive (lr={self.lr}, nu_lr={self.nu_lr})")
         if self.dtype not in DTYPES:
             raise LoRA2Error(f"training dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.eval_every < 0:
+            raise LoRA2Error(f"eval_every must be 0 (automatic) or a number of steps, got {self.eval_every}")
         if not 0.0 <= self.rank_freeze_fraction < 1.0:
             raise LoRA2Error(f"rank_freeze_fraction must be in [0, 1), got {self.rank_freeze_fraction}")
 
@@ -137,6 +142,8 @@ class History:
     ranks: list[list[int]] = field(default_factory=list)
     eval_steps: list[int] = field(default_factory=list)
     eval_loss: list[float] = field(default_factory=list)
+    validation_steps: list[int] = field(default_factory=list)
+    """Steps at which validation samples were drawn (see :mod:`lora2.validation`); the heatmap marks them."""
 
     def record(self, loss: float, ranks: dict[str, int]) -> None:
         self.loss.append(loss)
@@ -157,6 +164,7 @@ class History:
             ranks=[list(r) for r in data["ranks"]],
             eval_steps=list(data.get("eval_steps", [])),
             eval_loss=list(data.get("eval_loss", [])),
+            validation_steps=list(data.get("validation_steps", [])),
         )
 
 
@@ -289,7 +297,7 @@ class Trainer:
 
     @property
     def eval_interval(self) -> int:
-        return self.config.eval_every or max(1, self.config.steps // 10)
+        return self.config.eval_every or max(AUTO_EVAL_MIN_INTERVAL, self.config.steps // 10)
 
     def evaluate(self) -> float:
         """The loss on the fixed evaluation batch: same images, noise and noise levels every time."""
