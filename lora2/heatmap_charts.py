@@ -20,6 +20,8 @@ from .heatmap_draw import GRIDLINE, INK, MUTED, RGB, Box, draw_text, text_size
 RANK_LINE: RGB = (59, 82, 139)
 LOSS_RAW: RGB = (188, 200, 214)
 LOSS_MEAN: RGB = (33, 144, 140)
+VALIDATION_MARK: RGB = (214, 96, 77)
+"""Validation-sample steps: a thin vertical line and a triangle on top of both charts."""
 
 
 def history_series(history: Any) -> tuple[list[float], list[float]]:
@@ -34,6 +36,16 @@ def history_series(history: Any) -> tuple[list[float], list[float]]:
     except (TypeError, ValueError) as error:
         raise LoRA2Error(f"history 'loss' must be numbers and 'ranks' lists of numbers per step ({error})") from None
     return totals, losses
+
+
+def validation_steps(history: Any) -> list[int]:
+    """The steps at which validation samples were drawn (``validation_steps``; none in older histories)."""
+    if hasattr(history, "to_dict"):
+        history = history.to_dict()
+    steps = history.get("validation_steps", []) if isinstance(history, Mapping) else []
+    if not isinstance(steps, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
+        raise LoRA2Error("history 'validation_steps' must be a list of step numbers")
+    return steps
 
 
 def moving_average(values: Sequence[float], window: int) -> list[float]:
@@ -78,10 +90,12 @@ def draw_line_chart(
     title: str,
     lines: list[tuple[Sequence[float], RGB, int]],
     size: int,
+    marks: Sequence[int] = (),
 ) -> Box:
     """Axes with ticks, a title, an x label ``step`` and the given ``(values, colour, width)`` lines.
 
-    Every line is plotted against step 1..n. Returns the plot area.
+    Every line is plotted against step 1..n; each step in ``marks`` (validation samples) gets a vertical
+    line with a triangle on top (step 0, before the first step, sits on the y axis). Returns the plot area.
     """
     x0, y0, x1, y1 = box
     values = [v for series, _, _ in lines for v in series if math.isfinite(v)]
@@ -116,6 +130,12 @@ def draw_line_chart(
             draw_text(draw, (x, plot[3] + 6), _format(tick), size, INK, "mt")
     draw.line((plot[0], plot[1], plot[0], plot[3], plot[2], plot[3]), fill=INK)
     draw_text(draw, ((plot[0] + plot[2]) / 2, y1), "step", size, MUTED, "mb")
+    for mark in marks:
+        x = to_xy(min(max(mark - 1, 0), steps - 1), lo)[0]
+        draw.line((x, plot[1], x, plot[3]), fill=VALIDATION_MARK, width=1)
+        half = max(3, size // 3)
+        top = plot[1] - 2 * half
+        draw.polygon([(x - half, top), (x + half, top), (x, plot[1])], fill=VALIDATION_MARK)
     stride = max(1, steps // max(2 * (plot[2] - plot[0]), 1))
     for series, colour, width in lines:
         points = [to_xy(i, v) for i, v in enumerate(series) if i % stride == 0 and math.isfinite(v)]
@@ -133,11 +153,14 @@ def draw_history(draw: ImageDraw.ImageDraw, box: Box, history: Any, size: int) -
     x0, y0, x1, y1 = box
     middle = (x0 + x1) // 2
     gap = max(12, (x1 - x0) // 40)
-    rank_plot = draw_line_chart(draw, (x0, y0, middle - gap, y1), "total rank", [(totals, RANK_LINE, 2)], size)
+    marks = validation_steps(history)
+    rank_title = "total rank" + ("  (red: validation samples)" if marks else "")
+    rank_lines = [(totals, RANK_LINE, 2)]
+    rank_plot = draw_line_chart(draw, (x0, y0, middle - gap, y1), rank_title, rank_lines, size, marks)
     window = max(1, len(losses) // 25)
     title = "loss" if window == 1 else f"loss (raw; mean of {window} steps)"
     loss_lines = [(losses, LOSS_RAW, 1), (moving_average(losses, window), LOSS_MEAN, 2)]
-    loss_plot = draw_line_chart(draw, (middle + gap, y0, x1, y1), title, loss_lines, size)
+    loss_plot = draw_line_chart(draw, (middle + gap, y0, x1, y1), title, loss_lines, size, marks)
     return rank_plot, loss_plot
 
 
