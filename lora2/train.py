@@ -20,11 +20,12 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
 import torch
 
+from .adapter import ResumeState
 from .attach import LoRA2Handle
 from .checkpointing import checkpointed
 from .config import DTYPES
@@ -49,6 +50,9 @@ BASE_OPTIMIZERS = ("adamw", "adam", "sgd")
 AUTO_EVAL_MIN_INTERVAL = 10
 """``eval_every = 0`` evaluates about 10 times per run, but never more often than every this many steps."""
 OPTIONAL_OPTIMIZERS = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}
+EVAL_NOISE_SEED_OFFSET = 12345
+"""The evaluation's noise and noise levels are drawn from ``seed + this``: fixed for a run, and apart from the
+training noise stream (which starts at ``seed``), so evaluating never shifts what training draws."""
 
 
 def available_optimizers() -> list[str]:
@@ -131,6 +135,18 @@ class TrainConfig:
     def freeze_step(self) -> int:
         """The step from which ranks are frozen."""
         return self.steps - int(self.steps * self.rank_freeze_fraction)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """The inverse of :meth:`to_dict`; unknown fields are refused (a typo must not be dropped silently)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise LoRA2Error(f"unknown training config fields {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
 
 
 @dataclass
@@ -261,23 +277,47 @@ class Trainer:
         self.handle.bind(optimizer)
         return optimizer
 
-    def resume(self, step: int, optimizer_state: dict | None, history: History, generator_state: torch.Tensor) -> None:
-        """Continue from a saved run; the handle must already hold the saved adapter state.
+    def state_dict(self) -> ResumeState:
+        """Everything continuing this run exactly needs: adapter state (weights, ν, widths, evidence, step),
+        optimizer moments, the noise generator, and the settings and history it ran with.
+
+        The ``train_config`` entry holds ``train`` (this :class:`TrainConfig`), ``lora2`` (the handle's
+        :class:`~lora2.config.LoRA2Config`) and ``history``; :mod:`lora2.run` reads ``train`` and ``lora2``
+        back on resume, so a resumed run is the saved one, not whatever the caller passes this time.
+        """
+        return ResumeState(
+            handle_state=self.handle.state_dict(),
+            optimizer_state=self.optimizer.state_dict(),
+            generator_state=self.generator.get_state(),
+            train_config={
+                "train": self.config.to_dict(),
+                "lora2": self.handle.config.to_dict(),
+                "history": self.history.to_dict(),
+            },
+        )
+
+    def load_state_dict(self, state: ResumeState, source: str = "the resume state") -> None:
+        """Continue from :meth:`state_dict` (of a trainer built with the same ``lora2`` config).
 
         ``batches`` must be the run's stream from its start (the same dataset and seed): the first
         ``step`` batches are drawn and dropped, one per step done, so the data order continues where it
         stopped and ``n + m`` steps equal ``n + m`` straight ones bit for bit on CPU.
         """
+        history = state.train_config.get("history") if isinstance(state.train_config, dict) else None
+        if not isinstance(history, dict):
+            raise LoRA2Error(f"{source} holds no training history; it was not written by a LoRA² run")
+        self.handle.load_state_dict(state.handle_state)
+        step = self.handle.step_count
         if step >= self.config.steps:
             raise LoRA2Error(f"the saved run already did {step} steps; raise steps above that to continue it")
         self.optimizer = self._build_optimizer()  # the handle's parameters were replaced by load_state_dict
-        if optimizer_state is not None:
-            self.optimizer.load_state_dict(optimizer_state)
+        if state.optimizer_state is not None:
+            self.optimizer.load_state_dict(state.optimizer_state)
         for _ in range(step):
             next(self.batches)
         self.step = step
-        self.history = history
-        self.generator.set_state(generator_state)
+        self.history = History.from_dict(history)
+        self.generator.set_state(state.generator_state)
 
     def _set_lr(self) -> None:
         factor = _warmup_factor(self.config.warmup_steps)(self.step)
@@ -304,7 +344,7 @@ class Trainer:
         if self.eval_batch is None:
             raise LoRA2Error("this trainer has no eval_batch to evaluate on")
         with torch.no_grad():
-            loss = self._loss(self.eval_batch, torch.Generator().manual_seed(self.config.seed + 12345))
+            loss = self._loss(self.eval_batch, torch.Generator().manual_seed(self.config.seed + EVAL_NOISE_SEED_OFFSET))
         return float(loss)
 
     def _record_eval(self) -> None:

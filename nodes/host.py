@@ -8,7 +8,7 @@ Cancel. Everything else in ``nodes/`` is declarations that call into ``lora2`` t
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -31,6 +31,7 @@ from ..lora2.errors import LoRA2Error
 from ..lora2.lora_file import STATE_SUFFIX, file_factors, is_foreign_key, state_path
 from ..lora2.noise import DenoisedRule
 from ..lora2.paths import check_name_length, inside, is_inside, remove_orphan_temporaries
+from ..lora2.run import TrainingTarget
 
 log = logging.getLogger("LoRA²")
 
@@ -96,51 +97,6 @@ def make_denoiser(model) -> Callable[[torch.Tensor, torch.Tensor, dict[str, torc
         return base.apply_model(x, sigma, **processed)
 
     return denoise
-
-
-def make_trainable(module: torch.nn.Module) -> None:
-    """Freeze ``module`` and turn inference tensors among its weights into ordinary ones.
-
-    ComfyUI's executor runs every node under ``torch.inference_mode()``, so a model loaded by a loader
-    node holds inference tensors, which autograd refuses to save for backward (and the adapters'
-    gradients flow through every frozen layer above them). Values are unchanged; only tensors that
-    are inference tensors are copied, once.
-    """
-    module.requires_grad_(False)
-    for owner in module.modules():
-        for name, param in list(owner._parameters.items()):
-            if param is not None and param.is_inference():
-                owner._parameters[name] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
-        for name, buffer in list(owner._buffers.items()):
-            if buffer is not None and buffer.is_inference():
-                owner._buffers[name] = buffer.clone()
-
-
-@contextlib.contextmanager
-def inplace_safe_norms(module: torch.nn.Module) -> Iterator[None]:
-    """Let autograd survive ComfyUI's in-place residual updates while training.
-
-    ComfyUI's DiT blocks (Flux, SD3, ...) write ``x += gate * f(norm(x))`` in place to save memory at
-    inference. The norm has saved ``x`` for its backward pass, so once the adapters make ``x`` require
-    grad, the in-place update breaks the backward. Inside this context every LayerNorm/RMSNorm gets a
-    private copy of its input (only when it requires grad), which is all those blocks need.
-    """
-
-    def copy_input(_module, args):
-        if args and torch.is_tensor(args[0]) and args[0].requires_grad:
-            return (args[0].clone(), *args[1:])
-        return None
-
-    hooks = [
-        m.register_forward_pre_hook(copy_input)
-        for m in module.modules()
-        if type(m).__name__.endswith(("LayerNorm", "RMSNorm"))
-    ]
-    try:
-        yield
-    finally:
-        for hook in hooks:
-            hook.remove()
 
 
 def process_latents(model, latents: torch.Tensor) -> torch.Tensor:
@@ -212,6 +168,32 @@ def _module_of(obj) -> torch.nn.Module | None:
         if isinstance(current, torch.nn.Module):
             return current
     return obj if isinstance(obj, torch.nn.Module) else None
+
+
+def training_target(model, dataset) -> TrainingTarget:
+    """A MODEL and a LoRA² dataset as the plain pieces :func:`lora2.run.train_run` trains (model loaded fully)."""
+    comfy.model_management.load_models_gpu([model], force_full_load=True)
+
+    def batches(batch_size: int, generator: torch.Generator) -> Iterator:
+        for batch in dataset.batches(batch_size, generator):
+            yield dataclasses.replace(batch, latents=process_latents(model, batch.latents))
+
+    return TrainingTarget(
+        module=base_model(model).diffusion_model,
+        denoiser=make_denoiser(model),
+        rule=noise_rule(model),
+        batches=batches,
+        device=model.load_device,
+        family=model_family(model),
+        key_for=kohya_key_for(model),
+        inplace_residuals=True,
+        interrupt_errors=(comfy.model_management.InterruptProcessingException,),
+    )
+
+
+def raise_cancelled() -> None:
+    """End this node as ComfyUI's Cancel does: the rest of the graph is skipped and nothing is cached."""
+    raise comfy.model_management.InterruptProcessingException()
 
 
 # ----------------------------------------------------------------------------- adapters on models

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable
+from pathlib import Path
 
-import comfy.model_management
-import torch
 from comfy_api.latest import io
 
-from ..lora2 import PRESETS, LoRA2Config, attach
-from ..lora2.adapter import Adapter, ResumeState
-from ..lora2.checkpointing import find_blocks
+from ..lora2 import PRESETS, LoRA2Config
+from ..lora2.adapter import Adapter
 from ..lora2.errors import LoRA2Error
-from ..lora2.lora_file import load_resume_state, save_adapter, with_file_keys
-from ..lora2.resume_check import check_resume_optimizer
-from ..lora2.train import History, TrainConfig, Trainer, available_optimizers
+from ..lora2.lora_file import load_resume_state, save_adapter
+from ..lora2.run import RunHooks, RunResult, checkpoint_name, train_run
+from ..lora2.train import TrainConfig, available_optimizers
 from . import host
 from .types import CATEGORY, Dataset
 from .types import Adapter as AdapterType
@@ -178,9 +175,28 @@ class LoRA2Train(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, dataset, **settings) -> io.NodeOutput:
-        with torch.inference_mode(False), torch.enable_grad():
-            adapter, history = _train(model, dataset, settings)
-        return io.NodeOutput(host.apply_adapter(model, adapter, 1.0), adapter, history)
+        name = settings["resume"]
+        resume = None if name == "none" else load_resume_state(host.resume_path(name))
+        result = train_run(
+            host.training_target(model, dataset),
+            _lora2_config(settings),
+            _train_config(settings),
+            RunHooks(
+                save=_checkpoint_writer(model, settings["checkpoint_name"]),
+                on_progress=host.Progress(settings["steps"]),
+                should_stop=host.interrupted,
+            ),
+            resume=resume,
+            resume_source=f"'{name}'",
+        )
+        if result.stopped:  # saved already; ComfyUI must neither run the rest nor cache half a result
+            host.raise_cancelled()
+        return io.NodeOutput(
+            host.apply_adapter(model, result.adapter, 1.0),
+            result.adapter,
+            result.history.to_dict(),
+            ui={"text": [_summary(result)]},
+        )
 
 
 def _lora2_config(settings: dict) -> LoRA2Config:
@@ -214,80 +230,32 @@ def _train_config(settings: dict) -> TrainConfig:
     )
 
 
-def _batches(model, dataset, batch_size: int, generator: torch.Generator) -> Iterator:
-    for batch in dataset.batches(batch_size, generator):
-        yield dataclasses.replace(batch, latents=host.process_latents(model, batch.latents))
+WIDGET_NAMES = {
+    "lr": "learning_rate",
+    "nu_lr": "rank_learning_rate",
+    "dtype": "training_dtype",
+    "mass": "importance_mass",
+    "adaptive": "mode",
+}
+"""Config field -> the widget that sets it, where the names differ (for the resume report)."""
 
 
-def _train(model, dataset, settings: dict) -> tuple[Adapter, dict]:
-    """Attach, train, fold into an Adapter, detach (always: the hooks sit on the shared model).
-
-    Cancel: the trainer stops after the current step; the adapter trained so far is written to
-    models/loras (with its resume state) and the interrupt is raised again, so that ComfyUI neither
-    runs the rest of the graph nor caches a half-trained result as this node's output.
-    """
-    resume = None if settings["resume"] == "none" else load_resume_state(host.resume_path(settings["resume"]))
-    if resume is not None:
-        check_resume_optimizer(resume, settings["optimizer"], settings["resume"])
-    lora2_config = LoRA2Config.from_dict(resume.train_config["lora2"]) if resume else _lora2_config(settings)
-    train_config = _train_config(settings)
-    comfy.model_management.load_models_gpu([model], force_full_load=True)
-    diffusion = host.base_model(model).diffusion_model
-    host.make_trainable(diffusion)
-    handle = attach(diffusion, lora2_config)
-    try:
-        if resume is not None:
-            handle.load_state_dict(resume.handle_state)
-        data_generator = torch.Generator().manual_seed(train_config.seed)
-        eval_batch = next(_batches(model, dataset, train_config.batch_size, torch.Generator().manual_seed(1)))
-        trainer = Trainer(
-            denoiser=host.make_denoiser(model),
-            rule=host.noise_rule(model),
-            batches=_batches(model, dataset, train_config.batch_size, data_generator),
-            handle=handle,
-            config=train_config,
-            device=model.load_device,
-            checkpoint_modules=find_blocks(diffusion),
-            on_step=host.Progress(train_config.steps),
-            should_stop=host.interrupted,
-            on_checkpoint=lambda step, t: _save_checkpoint(model, _adapter(model, t), settings, step),
-            eval_batch=eval_batch,
-        )
-        if resume is not None:
-            history = History.from_dict(resume.train_config["history"])
-            trainer.resume(handle.step_count, resume.optimizer_state, history, resume.generator_state)
-        try:
-            with host.inplace_safe_norms(diffusion):
-                stopped = trainer.run().stopped_early
-        except comfy.model_management.InterruptProcessingException:
-            stopped = True
-        adapter = _adapter(model, trainer)
-        if stopped:
-            path = _save_checkpoint(model, adapter, settings, trainer.step)
-            host.log.warning("LoRA² training cancelled at step %d; saved what was trained to %s", trainer.step, path)
-            raise comfy.model_management.InterruptProcessingException()
-    finally:
-        handle.detach()
-    return adapter, trainer.history.to_dict()
-
-
-def _adapter(model, trainer: Trainer) -> Adapter:
-    handle = trainer.handle
-    resume = ResumeState(
-        handle_state=handle.state_dict(),
-        optimizer_state=trainer.optimizer.state_dict(),
-        generator_state=trainer.generator.get_state(),
-        train_config={
-            "train": dataclasses.asdict(trainer.config),
-            "lora2": handle.config.to_dict(),
-            "history": trainer.history.to_dict(),
-        },
+def _summary(result: RunResult) -> str:
+    adapter = result.adapter
+    text = (
+        f"Trained {adapter.steps} steps: {len(adapter.components)} components, total rank "
+        f"{sum(adapter.ranks().values())}, {adapter.megabytes():.2f} MB."
     )
-    adapter = Adapter.from_handle(handle, host.model_family(model), trainer.history.to_dict(), resume)
-    return with_file_keys(adapter, host.kohya_key_for(model))  # the model's names survive a Save without MODEL
+    return text if result.resume is None else f"{result.resume.describe(WIDGET_NAMES)}\n{text}"
 
 
-def _save_checkpoint(model, adapter: Adapter, settings: dict, step: int):
-    path = host.safe_lora_path(f"{settings['checkpoint_name']}_step{step:06d}")
-    save_adapter(path, adapter, host.kohya_key_for(model))
-    return path
+def _checkpoint_writer(model, name: str) -> Callable[[Adapter, int], Path]:
+    """Periodic, Cancel and NaN checkpoints: ``models/loras/<checkpoint_name>_step000123`` (+ .lora2state)."""
+    key_for = host.kohya_key_for(model)
+
+    def save(adapter: Adapter, step: int) -> Path:
+        path = host.safe_lora_path(checkpoint_name(name, step))
+        save_adapter(path, adapter, key_for)
+        return path
+
+    return save

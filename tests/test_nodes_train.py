@@ -204,8 +204,11 @@ def test_cancel_saves_a_valid_adapter_and_resume_continues(comfy_host: ComfyHost
     adam_steps = {float(v["step"]) for v in state.optimizer_state["state"].values()}
     assert adam_steps == {7.0}
 
-    resumed = training_prompt("sd15", steps=12, resume="lora2/cancelled_step000007.lora2state")
-    run_prompt(resumed).raise_for_failure()
+    # a changed learning rate is not silently ignored: the file's continues the run, and the node says so
+    resumed = training_prompt("sd15", steps=12, learning_rate=5e-3, resume="lora2/cancelled_step000007.lora2state")
+    text = "\n".join(run_prompt(resumed).raise_for_failure().outputs["train"]["text"])
+    assert "at step 7" in text and "learning_rate: 0.01 from the file (asked 0.005)" in text, text
+    assert "steps=12" in text, text
     history = CAPTURED["history-sd15"]
     assert len(history["loss"]) == 12 and history["loss"][:7] == partial.history["loss"]
     final = CAPTURED["adapter-sd15"]
