@@ -131,6 +131,9 @@ class RunHooks:
     """Polled after every step; True stops cleanly after it (Cancel)."""
     on_step: list[StepHook] = field(default_factory=list)
     """Generic per-step hooks (validation samples, custom logging), called after ``on_progress``."""
+    on_start: list[Callable[[Trainer], None]] = field(default_factory=list)
+    """Called once before this run's first step (after a resume is loaded), with the adapters attached:
+    e.g. validation samples of the starting point (step 0, or the step a resumed run continues from)."""
 
 
 @dataclass
@@ -257,6 +260,8 @@ def train_run(
             norms = inplace_safe_norms(target.module) if target.inplace_residuals else contextlib.nullcontext()
             try:
                 with norms:
+                    for start in hooks.on_start:
+                        start(trainer)
                     stopped = trainer.run().stopped_early
             except target.interrupt_errors:
                 stopped = True

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_train import Batch, data, make_trainer, tiny_unet
+from test_train import RULE, Batch, data, denoiser_for, tiny_unet
 
-from comfyui_lora2.lora2 import LoRA2Error
+from comfyui_lora2.lora2 import LoRA2Config, LoRA2Error
 from comfyui_lora2.lora2.heatmap_charts import VALIDATION_MARK, render_history
+from comfyui_lora2.lora2.run import RunHooks, TrainingTarget, train_run
 from comfyui_lora2.lora2.train import TrainConfig
 from comfyui_lora2.lora2.validation import (
     ValidationConfig,
@@ -111,31 +112,42 @@ def test_preserved_rng_puts_every_generator_back() -> None:
 
 
 def _train(with_validation: bool, tmp_path: Path, steps: int = 24):
-    """A tiny diffusers UNet run; with validation, a sampler that disturbs every RNG it can reach and runs
-    the adapted model forward, at steps 0, 8, 16 and 24."""
-    torch.manual_seed(0)
+    """A tiny diffusers UNet run through ``train_run``; with validation, a sampler that disturbs every RNG
+    it can reach and runs the adapted model forward, at steps 0, 8, 16 and 24."""
     unet = tiny_unet()
-    latents, conditioning, batches = data()
-    trainer = make_trainer(unet, batches, steps=steps)
-    trainer.eval_batch = Batch(latents[:2], {"cross_attn": conditioning[:2]})
-    drawn = []
+    latents, conditioning, _ = data()
+
+    def batches(batch_size: int, generator: torch.Generator):
+        while True:
+            pick = torch.randperm(len(latents), generator=generator)[:batch_size]
+            yield Batch(latents[pick], {"cross_attn": conditioning[pick]})
+
+    target = TrainingTarget(module=unet, denoiser=denoiser_for(unet), rule=RULE, batches=batches)
+    lora2 = LoRA2Config(targets="attn", init_rank=2, max_rank=16, prior_strength=1e-4)
+    train = TrainConfig(steps=steps, batch_size=2, lr=3e-3, nu_lr=0.1, dtype="float32", seed=0, eval_every=6)
+    drawn, live = [], {}
 
     def sample() -> list[Image.Image]:
         torch.manual_seed(1234)  # what ComfyUI's prepare_noise does
         random.random()
         np.random.rand()
-        trainer.generator.manual_seed(4321)  # shared code touching the trainer's own generator
+        live["trainer"].generator.manual_seed(4321)  # shared code touching the trainer's own generator
         x = torch.randn(1, 4, 8, 8)
         out = unet(x, torch.tensor([500]), encoder_hidden_states=conditioning[:1]).sample  # adapters attached
         drawn.append(float(out.abs().mean()))
         return [Image.new("RGB", (16, 16), (int(255 * min(1.0, drawn[-1])), 0, 0))]
 
+    hooks = RunHooks()
     if with_validation:
         run = ValidationRun(ValidationConfig(every=8, width=16, height=16), ["p"], sample, tmp_path / "grids")
-        trainer.on_step = lambda report: run.observe(trainer)
-        run.observe(trainer, start=True)
-    trainer.run()
-    return trainer, drawn
+
+        def start(trainer) -> None:
+            live["trainer"] = trainer
+            run.observe(trainer, start=True)
+
+        hooks = RunHooks(on_start=[start], on_step=[lambda event: run.observe(event.trainer)])
+    result = train_run(target, lora2, train, hooks)
+    return result, drawn
 
 
 def test_validation_leaves_the_trained_adapter_bit_identical(tmp_path: Path) -> None:
@@ -147,15 +159,18 @@ def test_validation_leaves_the_trained_adapter_bit_identical(tmp_path: Path) -> 
     assert sorted(p.name for p in (tmp_path / "grids").iterdir()) == [grid_name(s) for s in (0, 8, 16, 24)]
     assert not plain.history.validation_steps
     assert validated.history.loss == plain.history.loss
+    assert validated.history.eval_steps == [0, 6, 12, 18, 24]  # eval_every is the caller's
     assert validated.history.eval_loss == plain.history.eval_loss
-    assert validated.handle.ranks() == plain.handle.ranks()
-    for key, tensor in plain.handle.state_dict().items():  # factors, ν, widths and the gradient sketches
-        assert torch.equal(validated.handle.state_dict()[key], tensor), key
-    plain_optimizer, validated_optimizer = plain.optimizer.state_dict(), validated.optimizer.state_dict()
-    for index, state in plain_optimizer["state"].items():
+    assert validated.adapter.ranks() == plain.adapter.ranks()
+    for name, component in plain.adapter.components.items():
+        assert torch.equal(validated.adapter.components[name].delta(), component.delta()), name
+    plain_state, validated_state = plain.adapter.resume, validated.adapter.resume
+    for key, tensor in plain_state.handle_state.items():  # factors, ν, widths and the gradient sketches
+        assert torch.equal(validated_state.handle_state[key], tensor), key
+    for index, state in plain_state.optimizer_state["state"].items():
         for name, value in state.items():
-            assert torch.equal(validated_optimizer["state"][index][name], value), (index, name)
-    assert torch.equal(validated.generator.get_state(), plain.generator.get_state())
+            assert torch.equal(validated_state.optimizer_state["state"][index][name], value), (index, name)
+    assert torch.equal(validated_state.generator_state, plain_state.generator_state)
     assert torch.equal(torch.get_rng_state(), rng_after_plain)
 
 
