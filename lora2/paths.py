@@ -4,6 +4,8 @@
   after ``..`` and symlinks are resolved. The test is ComfyUI's own (``folder_paths.is_within_directory``
   in ComfyUI 0.33: ``realpath`` on both sides, then ``commonpath``), so the pack and the host agree on
   what "inside" means, including for symlinks placed inside the folder that point elsewhere.
+* **Names** (:func:`safe_child`): a user-typed name (``lora2/my run``) becomes a path below a folder:
+  sub-folders allowed, only characters file systems refuse replaced, never outside the folder.
 * **Atomic writes** (:func:`atomic_write`): the bytes go to a temporary file in the target folder, are
   flushed to disk, and the file is renamed over the target, so a crash leaves the old file or the new
   one, never half of one. The temporary name has a fixed length (``.lora2-tmp-<pid>-<random>.tmp``),
@@ -21,6 +23,7 @@ import os
 import re
 import secrets
 import time
+import unicodedata
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -56,6 +59,38 @@ def inside(path: str | os.PathLike[str], root: str | os.PathLike[str], what: str
     if not is_inside(path, root):
         raise LoRA2Error(f"{what} points outside '{root}' (through '..', an absolute path or a symlink)")
     return Path(os.path.realpath(path))
+
+
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f<>:"|?*]+')
+"""Characters no file system (or no shell-safe name) takes; letters of every script are kept."""
+_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
+"""Windows device names, which cannot be file names there whatever the extension."""
+
+
+def _name_part(part: str) -> str:
+    part = _UNSAFE.sub("_", unicodedata.normalize("NFC", part)).strip(" .")
+    return f"_{part}" if part.split(".")[0].lower() in _RESERVED else part
+
+
+def safe_child(root: str | os.PathLike[str], name: str, suffix: str, known_suffixes: tuple[str, ...] = ()) -> Path:
+    """``<root>/<name><suffix>``, sub-folders allowed, never outside ``root``; any script's letters are kept.
+
+    Only characters file systems refuse (``<>:"|?*``, control characters) become ``_``, so ``日本語`` and
+    ``中文`` stay two names; a name ending in one of ``known_suffixes`` loses it first (``a.safetensors``
+    is ``a``). A name longer than the file system takes is refused, not cut.
+    """
+    real_root = Path(os.path.realpath(root))
+    parts = [_name_part(part) for part in re.split(r"[\\/]+", name) if part.strip(" .")]
+    parts = [part for part in parts if part]
+    if not parts:
+        raise LoRA2Error(f"file name {name!r} is empty after removing unsafe characters; use letters and digits")
+    stem = parts[-1]
+    for known in known_suffixes:
+        stem = stem.removesuffix(known)
+    parts[-1] = stem + suffix
+    for part in parts:
+        check_name_length(Path(part), "file name")
+    return inside(real_root.joinpath(*parts), real_root, f"file name {name!r}")
 
 
 def check_name_length(path: Path, what: str = "file name") -> None:

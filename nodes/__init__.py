@@ -1,4 +1,4 @@
-"""ComfyUI nodes over ``lora2``: thin V3 declarations, each calling into the engine through ``host``."""
+"""ComfyUI nodes over ``lora2``: thin V3 declarations; everything that speaks ComfyUI is in ``nodes/comfy/``."""
 
 from __future__ import annotations
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io
-
-from . import host
+from .comfy import io, patches
 from .types import CATEGORY, Adapter
 
 
@@ -36,4 +34,4 @@ class LoRA2Apply(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, adapter, strength: float) -> io.NodeOutput:
-        return io.NodeOutput(host.apply_adapter(model, adapter, strength))
+        return io.NodeOutput(patches.apply_adapter(model, adapter, strength))

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-import comfy.utils
-import folder_paths
 import torch
-from comfy_api.latest import io
 
 from ..lora2.dataset import DatasetSpec, MemoryCache, build_dataset, scan_folder
 from ..lora2.errors import LoRA2Error
-from . import host
+from ..lora2.fingerprint import fingerprint
+from .comfy import encoders, files, io, progress
 from .types import CATEGORY, Dataset
+
+log = logging.getLogger("LoRA²")
 
 MEMORY_CACHE = MemoryCache()
 """Encoded latents and embeddings kept between runs of the process (size-capped): re-running a graph
@@ -21,7 +22,7 @@ with the same images, settings, VAE and text encoder encodes nothing."""
 
 def cache_dir() -> Path:
     """On-disk cache next to the models: survives restarts (ComfyUI empties temp/ at start)."""
-    return Path(folder_paths.models_dir) / "lora2_cache"
+    return files.models_subdir(files.CACHE_DIR)
 
 
 class LoRA2Dataset(io.ComfyNode):
@@ -102,7 +103,7 @@ class LoRA2Dataset(io.ComfyNode):
     ) -> io.NodeOutput:
         if clip is None and conditioning is None:
             raise LoRA2Error("LoRA² Dataset needs a CLIP (to encode captions) or a ready CONDITIONING input")
-        root = host.dataset_folder(folder)
+        root = files.dataset_folder(folder)
         items = scan_folder(root, caption_template, trigger)
         spec = DatasetSpec(
             resolution=resolution,
@@ -114,24 +115,24 @@ class LoRA2Dataset(io.ComfyNode):
             seed=seed,
         )
         if conditioning is not None:
-            fixed = host.conditioning_to_dict(conditioning)
+            fixed = encoders.conditioning_to_dict(conditioning)
             encode_text = lambda caption: fixed  # noqa: E731 (every image shares the given conditioning)
-            text_identity = host.fingerprint(fixed)
+            text_identity = fingerprint(fixed)
         else:
-            encode_text = host.clip_text_encoder(clip)
-            text_identity = host.fingerprint(clip)
-        progress = comfy.utils.ProgressBar(max(1, len(items)))
+            encode_text = encoders.clip_text_encoder(clip)
+            text_identity = fingerprint(clip)
+        show_progress = progress.progress_callback(len(items))
         with torch.inference_mode(False):
             dataset = build_dataset(
                 items,
                 spec,
-                host.vae_image_encoder(vae),
+                encoders.vae_image_encoder(vae),
                 encode_text,
                 cache_dir() if cache_on_disk else None,
-                model_key=f"{host.fingerprint(vae)}:{text_identity}",
-                progress=lambda done, total: progress.update_absolute(done, total),
-                should_stop=host.interrupted,
+                model_key=f"{fingerprint(vae)}:{text_identity}",
+                progress=show_progress,
+                should_stop=progress.interrupted,
                 memory_cache=MEMORY_CACHE,
             )
-        host.log.info("LoRA² dataset: %s", dataset.describe())
+        log.info("LoRA² dataset: %s", dataset.describe())
         return io.NodeOutput(dataset)

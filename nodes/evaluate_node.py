@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
-
-import comfy.model_management
-import folder_paths
-from comfy_api.latest import io, ui
 
 from ..lora2.evaluate import EvalModels, evaluate
 from ..lora2.evaluate_draw import render_table
 from ..lora2.evaluate_models import CLIP, DINO, EVAL_MODELS_DIR, ModelSpec, resolve_model_folder
-from . import host
+from .comfy import files, io, model, ui
 from .inspect_nodes import _image_tensor
 from .types import CATEGORY
+
+log = logging.getLogger("LoRA²")
 
 
 def eval_models_dir() -> Path:
     """``ComfyUI/models/lora2_eval``, where the default DINO and CLIP folders live."""
-    return Path(folder_paths.models_dir) / EVAL_MODELS_DIR
+    return files.models_subdir(EVAL_MODELS_DIR)
 
 
 def _model_folder(text: str, spec: ModelSpec) -> Path:
@@ -94,15 +93,15 @@ class LoRA2Evaluate(io.ComfyNode):
         clip_model: str = "",
         batch_size: int = 16,
     ) -> io.NodeOutput:
-        real = host.dataset_folder(real_folder)  # LoRA² Dataset's folder rules
-        device = comfy.model_management.get_torch_device()
+        real = files.dataset_folder(real_folder)  # LoRA² Dataset's folder rules
+        device = model.torch_device()
         models = EvalModels.load(_model_folder(dino_model, DINO), _model_folder(clip_model, CLIP), device)
         try:
             result = evaluate(images, real, prompts, models, batch_size=batch_size)
         finally:
             del models
-            comfy.model_management.soft_empty_cache()
-        host.log.info("LoRA² evaluate: %s\n%s", result.describe(), result.to_text())
+            model.free_memory()
+        log.info("LoRA² evaluate: %s\n%s", result.describe(), result.to_text())
         image = _image_tensor(render_table(result))
         text = result.to_text()
         return io.NodeOutput(image, text, json.dumps(result.to_dict()), ui=ui.PreviewImage(image, cls=cls))

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import folder_paths
+import logging
+
 import torch
-from comfy_api.latest import io
 
 from ..lora2.lora_file import default_key, load_adapter, save_adapter
-from . import host
+from .comfy import files, io, patches
 from .types import CATEGORY, Adapter
+
+log = logging.getLogger("LoRA²")
 
 PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
-host.cleanup_orphans()  # once, while ComfyUI loads the pack: what a write killed mid-way left behind
+files.cleanup_orphans()  # once, while ComfyUI loads the pack: what a write killed mid-way left behind
 
 
 class LoRA2Save(io.ComfyNode):
@@ -71,13 +73,13 @@ class LoRA2Save(io.ComfyNode):
         model=None,
         overwrite: bool = False,
     ) -> io.NodeOutput:
-        path, note = host.save_path(filename, overwrite)
+        path, note = files.save_path(filename, overwrite)
         to_save = adapter if save_training_state else _without_resume(adapter)
-        key_for = host.kohya_key_for(model) if model is not None else default_key
+        key_for = patches.kohya_key_for(model) if model is not None else default_key
         save_adapter(path, to_save, key_for, PRECISIONS[precision])
-        host.log.info("LoRA² saved %s (%d components, %.2f MB)", path, len(adapter.components), adapter.megabytes())
+        log.info("LoRA² saved %s (%d components, %.2f MB)", path, len(adapter.components), adapter.megabytes())
         if note:
-            host.log.warning("LoRA² Save: %s", note)
+            log.warning("LoRA² Save: %s", note)
         return io.NodeOutput(str(path), ui={"text": [str(path) if note is None else f"{path}\n{note}"]})
 
 
@@ -99,7 +101,7 @@ class LoRA2Load(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "lora_name",
-                    options=folder_paths.get_filename_list("loras"),
+                    options=files.lora_names(),
                     tooltip="A .safetensors file in models/loras.",
                 ),
             ],
@@ -108,4 +110,4 @@ class LoRA2Load(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora_name: str) -> io.NodeOutput:
-        return io.NodeOutput(load_adapter(host.lora_file(lora_name)))
+        return io.NodeOutput(load_adapter(files.lora_file(lora_name)))

@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import json
+import logging
 
-import folder_paths
 import numpy as np
 import torch
-from comfy_api.latest import io, ui
 
 from ..lora2.errors import LoRA2Error
 from ..lora2.heatmap import build_rank_table, render_heatmap
 from ..lora2.lora_file import load_adapter
 from ..lora2.prune import prune_by_energy, prune_by_mass, prune_to_budget
-from . import host
+from .comfy import files, io, ui
 from .types import CATEGORY, Adapter, History
+
+log = logging.getLogger("LoRA²")
 
 NO_FILE = "none"
 
 
 def _lora_choices() -> list[str]:
-    return [NO_FILE, *folder_paths.get_filename_list("loras")]
+    return [NO_FILE, *files.lora_names()]
 
 
 def _adapter_from(adapter, lora_name: str):
@@ -28,7 +29,7 @@ def _adapter_from(adapter, lora_name: str):
     if adapter is not None:
         return adapter
     if lora_name and lora_name != NO_FILE:
-        return load_adapter(host.lora_file(lora_name), with_resume=False)
+        return load_adapter(files.lora_file(lora_name), with_resume=False)
     raise LoRA2Error("connect an adapter or choose a LoRA file (lora_name) to inspect")
 
 
@@ -133,5 +134,5 @@ class LoRA2Prune(io.ComfyNode):
         else:
             raise LoRA2Error(f"unknown policy {policy!r}; choose one of {POLICIES}")
         text = report.to_table()
-        host.log.info("LoRA² prune (%s %g):\n%s", policy, value, text)
+        log.info("LoRA² prune (%s %g):\n%s", policy, value, text)
         return io.NodeOutput(pruned, text, ui={"text": [text]})

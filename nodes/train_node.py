@@ -5,15 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from comfy_api.latest import io
-
 from ..lora2 import PRESETS, LoRA2Config
 from ..lora2.adapter import Adapter
 from ..lora2.errors import LoRA2Error
 from ..lora2.lora_file import load_resume_state, save_adapter
 from ..lora2.run import RunHooks, RunResult, checkpoint_name, train_run
 from ..lora2.train import TrainConfig, available_optimizers
-from . import host
+from .comfy import files, io, patches, progress, training
 from .types import CATEGORY, Dataset
 from .types import Adapter as AdapterType
 from .types import History as HistoryType
@@ -133,7 +131,7 @@ def _schema_inputs() -> list:
         ),
         io.Combo.Input(
             "resume",
-            options=host.resume_choices(),
+            options=files.resume_choices(),
             default="none",
             tooltip="Continue a run from its .lora2state (weights, ν, ranks, optimizer state, step).",
         ),
@@ -176,23 +174,23 @@ class LoRA2Train(io.ComfyNode):
     @classmethod
     def execute(cls, model, dataset, **settings) -> io.NodeOutput:
         name = settings["resume"]
-        resume = None if name == "none" else load_resume_state(host.resume_path(name))
+        resume = None if name == "none" else load_resume_state(files.resume_path(name))
         result = train_run(
-            host.training_target(model, dataset),
+            training.training_target(model, dataset),
             _lora2_config(settings),
             _train_config(settings),
             RunHooks(
                 save=_checkpoint_writer(model, settings["checkpoint_name"]),
-                on_progress=host.Progress(settings["steps"]),
-                should_stop=host.interrupted,
+                on_progress=progress.Progress(settings["steps"]),
+                should_stop=progress.interrupted,
             ),
             resume=resume,
             resume_source=f"'{name}'",
         )
         if result.stopped:  # saved already; ComfyUI must neither run the rest nor cache half a result
-            host.raise_cancelled()
+            progress.raise_cancelled()
         return io.NodeOutput(
-            host.apply_adapter(model, result.adapter, 1.0),
+            patches.apply_adapter(model, result.adapter, 1.0),
             result.adapter,
             result.history.to_dict(),
             ui={"text": [_summary(result)]},
@@ -251,10 +249,10 @@ def _summary(result: RunResult) -> str:
 
 def _checkpoint_writer(model, name: str) -> Callable[[Adapter, int], Path]:
     """Periodic, Cancel and NaN checkpoints: ``models/loras/<checkpoint_name>_step000123`` (+ .lora2state)."""
-    key_for = host.kohya_key_for(model)
+    key_for = patches.kohya_key_for(model)
 
     def save(adapter: Adapter, step: int) -> Path:
-        path = host.safe_lora_path(checkpoint_name(name, step))
+        path = files.safe_lora_path(checkpoint_name(name, step))
         save_adapter(path, adapter, key_for)
         return path
 

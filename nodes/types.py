@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io
+from .comfy import io
 
 CATEGORY = "LoRA²"
 

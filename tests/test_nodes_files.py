@@ -76,10 +76,10 @@ def test_sdxl_label_emb_keys_are_the_ones_diffusers_and_comfyui_read(comfy_host:
     from diffusers.loaders.lora_conversion_utils import _convert_unet_lora_key
     from support.tiny_models import FAMILIES
 
-    host = comfy_host.pack_module().nodes.host
+    patches = comfy_host.pack_module().nodes.comfy.patches
     model = FAMILIES["sdxl"].model(0)
-    key_for = host.kohya_key_for(model)
-    key_map = host.lora_key_map(model)
+    key_for = patches.kohya_key_for(model)
+    key_map = patches.lora_key_map(model)
     for module, diffusers_name in (
         ("label_emb.0.0", "add_embedding.linear_1"),
         ("label_emb.0.2", "add_embedding.linear_2"),
@@ -91,26 +91,26 @@ def test_sdxl_label_emb_keys_are_the_ones_diffusers_and_comfyui_read(comfy_host:
 
 
 def test_orphan_temporaries_are_cleaned_at_start_up(comfy_host: ComfyHost) -> None:
-    host = comfy_host.pack_module().nodes.host
+    files = comfy_host.pack_module().nodes.comfy.files
     loras = comfy_host.base_dir / "models" / "loras"
     orphan = loras / f".lora2-tmp-999999999-{'0' * 16}.tmp"
     orphan.write_bytes(b"0" * 1000)
     old = time.time() - 3600
     os.utime(orphan, (old, old))
-    assert orphan in host.cleanup_orphans() and not orphan.exists()
+    assert orphan in files.cleanup_orphans() and not orphan.exists()
 
 
 def test_absolute_dataset_paths_need_the_opt_in(comfy_host: ComfyHost, tmp_path, monkeypatch) -> None:
     from comfyui_lora2.lora2 import LoRA2Error
 
-    host = comfy_host.pack_module().nodes.host
+    files = comfy_host.pack_module().nodes.comfy.files
     (tmp_path / "photos").mkdir()
-    monkeypatch.delenv(host.ANY_DATASET_PATH, raising=False)
+    monkeypatch.delenv(files.ANY_DATASET_PATH, raising=False)
     with pytest.raises(Exception, match="COMFYUI_LORA2_ANY_DATASET_PATH=1") as error:
-        host.dataset_folder(str(tmp_path / "photos"))
+        files.dataset_folder(str(tmp_path / "photos"))
     assert type(error.value).__name__ == LoRA2Error.__name__
-    monkeypatch.setenv(host.ANY_DATASET_PATH, "1")
-    assert host.dataset_folder(str(tmp_path / "photos")) == (tmp_path / "photos").resolve()
+    monkeypatch.setenv(files.ANY_DATASET_PATH, "1")
+    assert files.dataset_folder(str(tmp_path / "photos")) == (tmp_path / "photos").resolve()
     (comfy_host.base_dir / "datasets" / "mine").mkdir(parents=True)
-    monkeypatch.delenv(host.ANY_DATASET_PATH)
-    assert host.dataset_folder("mine") == (comfy_host.base_dir / "datasets" / "mine").resolve()
+    monkeypatch.delenv(files.ANY_DATASET_PATH)
+    assert files.dataset_folder("mine") == (comfy_host.base_dir / "datasets" / "mine").resolve()

@@ -18,16 +18,55 @@ def test_root_imports_without_comfyui() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+HOST_MODULES = {
+    "comfy",
+    "comfy_api",
+    "comfy_extras",
+    "comfy_execution",
+    "folder_paths",
+    "latent_preview",
+    "node_helpers",
+    "nodes",
+    "server",
+    "execution",
+    "app",
+}
+"""ComfyUI's top-level modules (``nodes`` here is ComfyUI's, never ours: ours is imported relatively)."""
+
+
+def host_imports(path: Path) -> set[str]:
+    """The ComfyUI modules ``path`` imports (absolute imports only; relative ones are the pack's own)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found.add((node.module or "").split(".")[0])
+    return found & HOST_MODULES
+
+
 def test_core_never_imports_comfyui() -> None:
     import comfyui_lora2.lora2 as core
 
-    host_modules = {"comfy", "comfy_api", "comfy_extras", "folder_paths", "nodes", "server", "execution"}
     for path in Path(core.__file__).parent.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                roots = {alias.name.split(".")[0] for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                roots = {(node.module or "").split(".")[0]}
-            else:
-                continue
-            assert not roots & host_modules, f"{path.name} imports {roots & host_modules}"
+        assert not host_imports(path), f"{path.name} imports {host_imports(path)}"
+
+
+def test_only_the_comfyui_layer_imports_comfyui() -> None:
+    """nodes/comfy/ is the one place that speaks ComfyUI; node declarations take ``io``/``ui`` from it."""
+    import comfyui_lora2
+
+    pack = Path(comfyui_lora2.__file__).parent
+    layer = pack / "nodes" / "comfy"
+    offenders = {
+        str(path.relative_to(pack)): host_imports(path)
+        for path in pack.rglob("*.py")
+        if not path.is_relative_to(layer)
+        and not any(
+            part.startswith(".") or part in ("tests", "bench", "demo", "scripts")
+            for part in path.relative_to(pack).parts
+        )
+        and host_imports(path)
+    }
+    assert offenders == {}, f"only nodes/comfy/ may import ComfyUI; move these imports there: {offenders}"
+    assert host_imports(layer / "__init__.py") == {"comfy_api"}  # the schema API, re-exported as io/ui
