@@ -1,0 +1,91 @@
+"""The speed benchmark runs end to end and reports what the README and issue 13 read from it.
+
+No timing is asserted (the CI machines are shared and noisy): the test checks that every configuration
+ran in its own process and produced a step time and a memory figure, and that the last line has the
+ratios the targets are stated in. ``--quick`` keeps it to the tiny model, rank 8, two steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from support.layout import MISSING_HOST_REASON, host_available
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not host_available(), reason=MISSING_HOST_REASON)]
+
+RATIOS = {
+    "step_vs_native_all",
+    "step_vs_native_attn",
+    "step_vs_floor_attn",
+    "step_vs_floor_all",
+    "peak_mem_vs_native_all",
+    "adaptive_vs_fixed_max",
+    "apply_mem_over_stock_mb",
+}
+KINDS = {"floor", "native", "lora2-attn", "lora2-all", "fixed-attn", "fixed-all", "apply_stock", "apply_lora2"}
+
+
+@pytest.fixture(scope="module")
+def quick_run() -> tuple[str, dict]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "comfyui_lora2.bench.train_speed", "--quick", "--seed", "3"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    return proc.stdout, json.loads(lines[-1])
+
+
+def test_last_line_has_every_ratio_as_a_finite_number(quick_run) -> None:
+    _, result = quick_run
+    assert set(result["ratios"]) == RATIOS
+    for name, value in result["ratios"].items():
+        assert isinstance(value, float) and math.isfinite(value), (name, value)
+    assert result["settings"]["seed"] == 3 and result["settings"]["quick"] is True
+
+
+def test_every_configuration_measured_once_with_time_and_memory(quick_run) -> None:
+    _, result = quick_run
+    raw = result["raw"]
+    assert {entry["kind"] for entry in raw.values()} == KINDS
+    for label, entry in raw.items():
+        assert entry["model"] == "tiny", label
+        assert entry["step_s"] > 0 and entry["wall_s"] > 0, label
+        assert entry["peak_mb"] > 0, label
+        expected = 1 if entry["kind"].startswith("apply") else 2
+        assert entry["steps_measured"] == expected, label
+    assert raw["tiny apply_lora2 r32"]["file_mb"] > 0
+
+
+def test_ratios_are_read_from_the_raw_numbers(quick_run) -> None:
+    _, result = quick_run
+    raw, ratios = result["raw"], result["ratios"]
+    native = raw["tiny native r8"]
+    assert ratios["step_vs_native_all"] == pytest.approx(raw["tiny lora2-all r8"]["step_s"] / native["step_s"], 1e-3)
+    assert ratios["step_vs_floor_attn"] == pytest.approx(
+        raw["tiny lora2-attn r8"]["step_s"] / raw["tiny floor"]["step_s"], 1e-3
+    )
+    assert ratios["peak_mem_vs_native_all"] == pytest.approx(
+        raw["tiny lora2-all r8"]["added_mb"] / native["added_mb"], 1e-3
+    )
+    fixed = [raw[f"tiny lora2-{t} r8"]["step_s"] / raw[f"tiny fixed-{t} r8"]["step_s"] for t in ("attn", "all")]
+    assert ratios["adaptive_vs_fixed_max"] == pytest.approx(max(fixed), 1e-3)
+    stock, ours = raw["tiny apply_stock r32"], raw["tiny apply_lora2 r32"]
+    assert ratios["apply_mem_over_stock_mb"] == pytest.approx(ours["added_mb"] - stock["added_mb"], abs=0.01)
+
+
+def test_table_precedes_the_json_line(quick_run) -> None:
+    stdout, result = quick_run
+    lines = stdout.strip().splitlines()
+    assert lines[0].startswith("| configuration |")
+    for label in result["raw"]:
+        assert any(line.startswith(f"| {label} |") for line in lines[:-1]), label
