@@ -11,8 +11,10 @@ from ..lora2.errors import LoRA2Error
 from ..lora2.lora_file import load_resume_state, save_adapter
 from ..lora2.run import RunHooks, RunResult, checkpoint_name, train_run
 from ..lora2.train import TrainConfig, available_optimizers
+from ..lora2.validation import ValidationRun
 from .comfy import files, io, patches, progress, training
-from .types import CATEGORY, Dataset
+from .comfy.sampling import saved_results, validation_run
+from .types import CATEGORY, Dataset, Validation
 from .types import Adapter as AdapterType
 from .types import History as HistoryType
 
@@ -124,6 +126,15 @@ def _schema_inputs() -> list:
             max=100_000,
             tooltip="Write a checkpoint (adapter + training state) to models/loras every N steps (0: off).",
         ),
+        io.Int.Input(
+            "eval_every",
+            default=TRAIN_DEFAULTS.eval_every,
+            min=0,
+            max=100_000,
+            optional=True,
+            tooltip="Measure the loss on one fixed batch (same images, noise and noise levels) every N steps and at "
+            "the start and end: it moves only when the model does. 0: about 10 times, at most every 10 steps.",
+        ),
         io.String.Input(
             "checkpoint_name",
             default="lora2/checkpoint",
@@ -142,6 +153,13 @@ def _schema_inputs() -> list:
             optional=True,
             tooltip="LoRA²: every component learns its own rank from init_rank up to max_rank. Fixed rank: plain "
             "LoRA at init_rank everywhere, through the same code, to A/B the two on your subject.",
+        ),
+        Validation.Input(
+            "validation",
+            optional=True,
+            tooltip="From LoRA² Validation: sample its prompts at step 0, every validate_every steps and at the end, "
+            "shown on this node and saved to output/lora2/<run_name>/. The trained adapter is the same with or "
+            "without it.",
         ),
     ]
 
@@ -172,29 +190,43 @@ class LoRA2Train(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, dataset, **settings) -> io.NodeOutput:
+    def execute(cls, model, dataset, validation=None, **settings) -> io.NodeOutput:
         name = settings["resume"]
         resume = None if name == "none" else load_resume_state(files.resume_path(name))
+        hooks = RunHooks(
+            save=_checkpoint_writer(model, settings["checkpoint_name"]),
+            on_progress=progress.Progress(settings["steps"]),
+            should_stop=progress.interrupted,
+        )
+        samples = _add_validation(hooks, model, validation, settings["steps"])
         result = train_run(
             training.training_target(model, dataset),
             _lora2_config(settings),
             _train_config(settings),
-            RunHooks(
-                save=_checkpoint_writer(model, settings["checkpoint_name"]),
-                on_progress=progress.Progress(settings["steps"]),
-                should_stop=progress.interrupted,
-            ),
+            hooks,
             resume=resume,
             resume_source=f"'{name}'",
         )
         if result.stopped:  # saved already; ComfyUI must neither run the rest nor cache half a result
             progress.raise_cancelled()
+        shown = {"images": saved_results(samples)} if samples is not None and samples.written else {}
         return io.NodeOutput(
             patches.apply_adapter(model, result.adapter, 1.0),
             result.adapter,
             result.history.to_dict(),
-            ui={"text": [_summary(result)]},
+            ui={"text": [_summary(result)], **shown},
         )
+
+
+def _add_validation(hooks: RunHooks, model, plan, total_steps: int) -> ValidationRun | None:
+    """Validation samples at the run's start, every ``validate_every`` steps and at the end (see
+    :mod:`lora2.validation`), drawn from the live model: the adapter as it is at that step."""
+    if plan is None:
+        return None
+    run = validation_run(model, plan, total_steps)
+    hooks.on_start.append(lambda trainer: run.observe(trainer, start=True))
+    hooks.on_step.append(lambda event: run.observe(event.trainer))
+    return run
 
 
 def _lora2_config(settings: dict) -> LoRA2Config:
@@ -224,6 +256,7 @@ def _train_config(settings: dict) -> TrainConfig:
         dtype=settings["training_dtype"],
         gradient_checkpointing=settings["gradient_checkpointing"],
         save_every=settings["save_every"],
+        eval_every=settings.get("eval_every", TRAIN_DEFAULTS.eval_every),
         seed=settings["seed"],
     )
 

@@ -12,3 +12,5 @@ Adapter = io.Custom("LORA2_ADAPTER")
 """A :class:`lora2.adapter.Adapter`: per-component LoRA factors plus what LoRA² knows about them."""
 History = io.Custom("LORA2_HISTORY")
 """A dict: ``components``, and per step ``loss`` and every component's rank (``ranks``)."""
+Validation = io.Custom("LORA2_VALIDATION")
+"""A ``nodes.comfy.sampling.ValidationPlan``: encoded prompts, sampler settings and a VAE (LoRA² Validation)."""

@@ -102,6 +102,7 @@ def test_train_widget_defaults_are_the_config_defaults(comfy_host: ComfyHost) ->
         "prior_strength": lora2.prior_strength,
         "training_dtype": train.dtype,
         "gradient_checkpointing": train.gradient_checkpointing,
+        "eval_every": train.eval_every,
         "mode": "LoRA²",
     }
     assert {name: widgets[name] for name in expected} == expected
