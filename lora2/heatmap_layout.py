@@ -5,7 +5,7 @@ fills the cells of an :class:`~lora2.adapter.Adapter` with ranks and, per compon
 ranks at 90 % and 99 % of the singular-value energy of ΔW. The energy ranks say how much of a
 component's width actually carries the update: a plain rank-64 LoRA whose ``e90`` is 6 could be pruned
 to a tenth with little loss, and for a LoRA² adapter they show how close the learned width is to the
-spectrum. They come from the SVD through the factors (:func:`lora2.prune.singular_values`), which costs
+spectrum. They come from the SVD through the factors (:func:`lora2.spectrum.factor_svd`), which costs
 ``O((in + out)·r²)`` per component, so they are computed for every adapter.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 from .adapter import Adapter
 from .errors import LoRA2Error
 from .heatmap_names import COLUMN_ORDER, Place, place, split_name
-from .prune import energy_rank, singular_values
+from .spectrum import energy_rank, factor_svd
 
 Cell = tuple[str, str]
 """(row label, column label)."""
@@ -83,7 +83,7 @@ class RankTable:
     columns: list[str]
     cells: dict[Cell, int]
     energy90: dict[Cell, int] = field(default_factory=dict)
-    """Effective rank at 90 % of ΔW's singular-value energy (see :func:`lora2.prune.energy_rank`)."""
+    """Effective rank at 90 % of ΔW's singular-value energy (see :func:`lora2.spectrum.energy_rank`)."""
     energy99: dict[Cell, int] = field(default_factory=dict)
     components: dict[Cell, str] = field(default_factory=dict)
     """Which component each cell shows."""
@@ -185,7 +185,7 @@ def build_rank_table(adapter: Adapter, energy: bool = True) -> RankTable:
         table.cells[cell] = component.rank
         table.components[cell] = name
         if energy:
-            spectrum = singular_values(component)
+            spectrum = factor_svd(component.up, component.down)[1]
             table.energy90[cell] = energy_rank(spectrum, 0.9)
             table.energy99[cell] = energy_rank(spectrum, 0.99)
     return table

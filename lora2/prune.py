@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -34,10 +34,7 @@ import torch
 from . import rank as rank_math
 from .adapter import Adapter, Component
 from .errors import LoRA2Error
-from .spectrum import Spectrum, factor_svd
-
-_TOLERANCE = 1e-12
-"""Relative slack on cumulative sums, so that exact ties (e.g. 9 of 10 equal values at 0.9) land on the tie."""
+from .spectrum import TOLERANCE, Spectrum, check_fraction, energy_rank, factor_svd
 
 
 # ----------------------------------------------------------------------------- SVD of one component
@@ -77,36 +74,14 @@ def svd_refactor(component: Component, rank: int) -> Component:
 
 
 # ----------------------------------------------------------------------------- rank choices
-def _check_fraction(value: float, what: str) -> float:
-    if not 0.0 < float(value) <= 1.0:
-        raise LoRA2Error(f"{what} must be in (0, 1] (1 keeps everything), got {value!r}")
-    return float(value)
-
-
-def energy_rank(singular_values: torch.Tensor | Sequence[float], fraction: float) -> int:
-    """Smallest ``k`` whose ``Σ_{i<k} σᵢ²`` reaches ``fraction`` of ``Σ σ²`` (at least 1).
-
-    σ² is what each direction adds to ``‖ΔW‖²_F``, so ``fraction = 0.9`` keeps a rank whose relative
-    Frobenius error is at most ``√0.1``. A zero spectrum gives 1.
-    """
-    _check_fraction(fraction, "the energy fraction")
-    energy = torch.as_tensor(singular_values, dtype=torch.float64).flatten().abs().sort(descending=True).values ** 2
-    if energy.numel() == 0 or float(energy.sum()) <= 0.0:
-        return 1
-    cumulative = energy.cumsum(0)
-    target = fraction * float(cumulative[-1]) * (1.0 - _TOLERANCE)
-    k = int(torch.searchsorted(cumulative, torch.tensor([target], dtype=torch.float64)).item()) + 1
-    return max(1, min(k, energy.numel()))
-
-
 def mass_rank(nu: float, width: int, mass: float) -> int:
     """Fewest leading positions whose LoRA² importance ``p`` (over ``width`` positions) sums to ``mass``."""
-    _check_fraction(mass, "the importance mass")
+    check_fraction(mass, "the importance mass")
     if mass >= 1.0:
         return width
     p = rank_math.importance(rank_math.rate(torch.tensor(float(nu), dtype=torch.float64)), width)
     cumulative = p.cumsum(0)
-    k = int(torch.searchsorted(cumulative, torch.tensor([mass * (1.0 - _TOLERANCE)], dtype=torch.float64)).item()) + 1
+    k = int(torch.searchsorted(cumulative, torch.tensor([mass * (1.0 - TOLERANCE)], dtype=torch.float64)).item()) + 1
     return max(1, min(k, width))
 
 
@@ -261,7 +236,7 @@ def _apply_ranks(
 # ----------------------------------------------------------------------------- policies
 def prune_by_energy(adapter: Adapter, fraction: float) -> tuple[Adapter, PruneReport]:
     """Per component, the smallest rank keeping ``fraction`` of its singular-value energy (any LoRA)."""
-    _check_fraction(fraction, "the energy fraction")
+    check_fraction(fraction, "the energy fraction")
     spectra = _spectra(adapter)
     ranks = {name: energy_rank(s, fraction) for name, (_, s, _) in spectra.items()}
     return _apply_ranks(adapter, spectra, ranks, "energy", {"fraction": fraction})
@@ -273,7 +248,7 @@ def prune_by_mass(adapter: Adapter, mass: float) -> tuple[Adapter, PruneReport]:
     ``mass = 1`` keeps every position and is lossless. The count comes from ν; the kept directions
     are the best ones by SVD, so the error is at most that of truncating the trained factors.
     """
-    _check_fraction(mass, "the importance mass")
+    check_fraction(mass, "the importance mass")
     spectra = _spectra(adapter)
     ranks = {
         name: mass_rank(c.nu, c.rank, mass) if c.nu is not None else energy_rank(spectra[name][1], mass)
@@ -340,3 +315,40 @@ def prune_to_budget(
             remaining -= cost
     setting = {"max_parameters": max_parameters, "max_megabytes": max_megabytes, "weighting": weighting}
     return _apply_ranks(adapter, spectra, ranks, "budget", setting, bytes_per_number)
+
+
+# ----------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class PrunePolicy:
+    """One way to prune, as the node and the CLI offer it: a name, what its one number means, the call."""
+
+    name: str
+    value_means: str
+    prune: Callable[[Adapter, float], tuple[Adapter, PruneReport]]
+
+
+PRUNE_POLICIES: dict[str, PrunePolicy] = {
+    policy.name: policy
+    for policy in (
+        PrunePolicy("importance mass", "share of each LoRA² component's importance to keep (0-1)", prune_by_mass),
+        PrunePolicy(
+            "budget (MB)",
+            "file size in MB (fp16)",
+            lambda adapter, value: prune_to_budget(adapter, max_megabytes=value),
+        ),
+        PrunePolicy(
+            "budget (parameters)",
+            "trainable numbers",
+            lambda adapter, value: prune_to_budget(adapter, max_parameters=int(value)),
+        ),
+        PrunePolicy("singular-value energy", "share of Σσ² to keep per component (0-1)", prune_by_energy),
+    )
+}
+"""Every pruning policy by its user-facing name; the Prune node's choices and tooltip are read from here."""
+
+
+def prune(adapter: Adapter, policy: str, value: float) -> tuple[Adapter, PruneReport]:
+    """Prune ``adapter`` with the policy named ``policy`` (a key of :data:`PRUNE_POLICIES`) at ``value``."""
+    if policy not in PRUNE_POLICIES:
+        raise LoRA2Error(f"unknown prune policy {policy!r}; choose one of {list(PRUNE_POLICIES)}")
+    return PRUNE_POLICIES[policy].prune(adapter, value)

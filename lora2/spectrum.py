@@ -8,10 +8,17 @@ is what lets training re-factor a component (rank control) and pruning re-factor
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+from .errors import LoRA2Error
 
 Spectrum = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """``(u [out, m], s [m], vh [m, in])`` in float64 with ``ΔW = u · diag(s) · vh`` (s descending)."""
+
+TOLERANCE = 1e-12
+"""Relative slack on cumulative sums, so that exact ties (e.g. 9 of 10 equal values at 0.9) land on the tie."""
 
 
 def factor_svd(up: torch.Tensor, down: torch.Tensor) -> Spectrum:
@@ -36,3 +43,25 @@ def orthonormal_basis(matrix: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
     if s.numel() == 0 or float(s[0]) == 0.0:
         return matrix.new_zeros(matrix.shape[0], 0, dtype=torch.float32)
     return u[:, s > rtol * s[0]]
+
+
+def check_fraction(value: float, what: str) -> float:
+    if not 0.0 < float(value) <= 1.0:
+        raise LoRA2Error(f"{what} must be in (0, 1] (1 keeps everything), got {value!r}")
+    return float(value)
+
+
+def energy_rank(singular_values: torch.Tensor | Sequence[float], fraction: float) -> int:
+    """Smallest ``k`` whose ``Σ_{i<k} σᵢ²`` reaches ``fraction`` of ``Σ σ²`` (at least 1).
+
+    σ² is what each direction adds to ``‖ΔW‖²_F``, so ``fraction = 0.9`` keeps a rank whose relative
+    Frobenius error is at most ``√0.1``. A zero spectrum gives 1.
+    """
+    check_fraction(fraction, "the energy fraction")
+    energy = torch.as_tensor(singular_values, dtype=torch.float64).flatten().abs().sort(descending=True).values ** 2
+    if energy.numel() == 0 or float(energy.sum()) <= 0.0:
+        return 1
+    cumulative = energy.cumsum(0)
+    target = fraction * float(cumulative[-1]) * (1.0 - TOLERANCE)
+    k = int(torch.searchsorted(cumulative, torch.tensor([target], dtype=torch.float64)).item()) + 1
+    return max(1, min(k, energy.numel()))

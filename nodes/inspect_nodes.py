@@ -11,7 +11,7 @@ import torch
 from ..lora2.errors import LoRA2Error
 from ..lora2.heatmap import build_rank_table, render_heatmap
 from ..lora2.lora_file import load_adapter
-from ..lora2.prune import prune_by_energy, prune_by_mass, prune_to_budget
+from ..lora2.prune import PRUNE_POLICIES, prune
 from .comfy import files, io, ui
 from .types import CATEGORY, Adapter, History
 
@@ -82,9 +82,6 @@ class LoRA2Heatmap(io.ComfyNode):
         return io.NodeOutput(image, text, json.dumps(table.to_dict()), ui=ui.PreviewImage(image, cls=cls))
 
 
-POLICIES = ("importance mass", "budget (MB)", "budget (parameters)", "singular-value energy")
-
-
 class LoRA2Prune(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -102,11 +99,9 @@ class LoRA2Prune(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "policy",
-                    options=list(POLICIES),
+                    options=list(PRUNE_POLICIES),
                     default="importance mass",
-                    tooltip="importance mass: value = share of each LoRA² component's importance to keep (0-1); "
-                    "budget (MB): value = file size in MB (fp16); budget (parameters): value = trainable numbers; "
-                    "singular-value energy: value = share of Σσ² to keep per component (0-1).",
+                    tooltip="; ".join(f"{p.name}: value = {p.value_means}" for p in PRUNE_POLICIES.values()) + ".",
                 ),
                 io.Float.Input(
                     "value", default=0.9, min=0.0, max=1e12, step=0.01, tooltip="The policy's setting (see policy)."
@@ -123,16 +118,7 @@ class LoRA2Prune(io.ComfyNode):
     @classmethod
     def execute(cls, lora_name: str, policy: str, value: float, adapter=None) -> io.NodeOutput:
         chosen = _adapter_from(adapter, lora_name)
-        if policy == "importance mass":
-            pruned, report = prune_by_mass(chosen, value)
-        elif policy == "budget (MB)":
-            pruned, report = prune_to_budget(chosen, max_megabytes=value)
-        elif policy == "budget (parameters)":
-            pruned, report = prune_to_budget(chosen, max_parameters=int(value))
-        elif policy == "singular-value energy":
-            pruned, report = prune_by_energy(chosen, value)
-        else:
-            raise LoRA2Error(f"unknown policy {policy!r}; choose one of {POLICIES}")
+        pruned, report = prune(chosen, policy, value)
         text = report.to_table()
         log.info("LoRA² prune (%s %g):\n%s", policy, value, text)
         return io.NodeOutput(pruned, text, ui={"text": [text]})

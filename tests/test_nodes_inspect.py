@@ -104,3 +104,57 @@ def test_prune_to_a_budget_in_the_graph(comfy_host: ComfyHost) -> None:
     assert 0 < pruned.num_parameters() <= budget
     assert pruned.source == "pruned"
     assert "rank" in CAPTURED["report"] and result.outputs["prune"]["text"] == [CAPTURED["report"]]
+
+
+def _ranked_adapter():
+    """Two LoRA² components of rank 8 with equal singular values and a steep importance (rate 2): the
+    importance mass keeps 2 positions at 0.9, singular-value energy keeps all 8, so every policy differs."""
+    import torch
+
+    from comfyui_lora2.lora2 import rank as rank_math
+    from comfyui_lora2.lora2.adapter import Adapter, Component
+
+    generator = torch.Generator().manual_seed(0)
+    components = {}
+    for name in ("blocks.0.attn.to_q", "blocks.0.attn.to_k"):
+        up = torch.linalg.qr(torch.randn(24, 8, generator=generator, dtype=torch.float64))[0].float()
+        down = torch.linalg.qr(torch.randn(16, 8, generator=generator, dtype=torch.float64))[0].T.float().contiguous()
+        components[name] = Component(up, down, nu=rank_math.nu_for_rate(2.0))
+    return Adapter(components=components, base_model="Test")
+
+
+POLICY_VALUES = {"importance mass": 0.9, "singular-value energy": 0.9, "budget (parameters)": 200, "budget (MB)": 6e-4}
+"""Per policy a setting at which, on :func:`_ranked_adapter`, it keeps 2+2, 8+8, 3+2 and 4+3 directions."""
+
+
+@pytest.mark.parametrize("policy", list(POLICY_VALUES))
+def test_every_prune_policy_runs_the_pruning_it_names(comfy_host: ComfyHost, policy: str) -> None:
+    from support.tiny_nodes import CAPTURED, put_object
+
+    from comfyui_lora2.lora2.prune import prune_by_energy, prune_by_mass, prune_to_budget
+
+    adapter = _ranked_adapter()
+    v = POLICY_VALUES
+    expected = {
+        "importance mass": prune_by_mass(adapter, v["importance mass"]),
+        "singular-value energy": prune_by_energy(adapter, v["singular-value energy"]),
+        "budget (parameters)": prune_to_budget(adapter, max_parameters=int(v["budget (parameters)"])),
+        "budget (MB)": prune_to_budget(adapter, max_megabytes=v["budget (MB)"]),
+    }
+    ranks = {name: sorted(pruned.ranks().values()) for name, (pruned, _) in expected.items()}
+    assert ranks == {
+        "importance mass": [2, 2],
+        "singular-value energy": [8, 8],
+        "budget (parameters)": [2, 3],
+        "budget (MB)": [3, 4],
+    }  # the policies really differ on this adapter, so running the wrong one fails below
+    prompt = {
+        "adapter": {"class_type": "TestObjectLORA2_ADAPTER", "inputs": {"key": put_object("ranked", adapter)}},
+        "prune": {
+            "class_type": "LoRA2Prune",
+            "inputs": {"adapter": ["adapter", 0], "lora_name": "none", "policy": policy, "value": v[policy]},
+        },
+        "keep": {"class_type": "TestCapture", "inputs": {"value": ["prune", 0], "key": "policy-pruned"}},
+    }
+    run_prompt(prompt).raise_for_failure()
+    assert CAPTURED["policy-pruned"].ranks() == expected[policy][0].ranks()
