@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..lora2.dataset import DatasetSpec, MemoryCache, build_dataset, scan_folder
+from ..lora2.dataset_spec import MAX_VARIANTS
 from ..lora2.errors import LoRA2Error
 from ..lora2.fingerprint import fingerprint
 from .comfy import encoders, files, io, progress
@@ -15,6 +16,8 @@ from .types import CATEGORY, Dataset
 
 log = logging.getLogger("LoRA²")
 
+SPEC_DEFAULTS = DatasetSpec()
+"""Every preprocessing widget's default comes from :class:`~lora2.dataset_spec.DatasetSpec`: one source."""
 MEMORY_CACHE = MemoryCache()
 """Encoded latents and embeddings kept between runs of the process (size-capped): re-running a graph
 with the same images, settings, VAE and text encoder encodes nothing."""
@@ -56,22 +59,41 @@ class LoRA2Dataset(io.ComfyNode):
                 ),
                 io.String.Input("trigger", default="sks dog", tooltip="The word(s) that will call up your subject."),
                 io.Int.Input(
-                    "resolution", default=512, min=64, max=4096, step=64, tooltip="Training side length in pixels."
+                    "resolution",
+                    default=SPEC_DEFAULTS.resolution,
+                    min=64,
+                    max=4096,
+                    step=64,
+                    tooltip="Training side length in pixels.",
                 ),
                 io.Boolean.Input(
-                    "bucketing", default=True, tooltip="Keep aspect ratios (buckets) instead of square crops."
+                    "bucketing",
+                    default=SPEC_DEFAULTS.bucketing,
+                    tooltip="Keep aspect ratios (buckets) instead of square crops.",
                 ),
-                io.Boolean.Input("flip", default=False, tooltip="Also train on left-right mirrored copies."),
-                io.Boolean.Input("random_crop", default=False, tooltip="Small random crops (90-100% of each side)."),
-                io.Boolean.Input("color_jitter", default=False, tooltip="Small random brightness/contrast/hue."),
+                io.Boolean.Input(
+                    "flip", default=SPEC_DEFAULTS.flip, tooltip="Also train on left-right mirrored copies."
+                ),
+                io.Boolean.Input(
+                    "random_crop", default=SPEC_DEFAULTS.crop, tooltip="Small random crops (90-100% of each side)."
+                ),
+                io.Boolean.Input(
+                    "color_jitter", default=SPEC_DEFAULTS.color, tooltip="Small random brightness/contrast/hue."
+                ),
                 io.Int.Input(
                     "variants",
-                    default=1,
+                    default=SPEC_DEFAULTS.variants,
                     min=1,
-                    max=16,
+                    max=MAX_VARIANTS,
                     tooltip="Versions per image (first clean, others randomly augmented; needs crop or jitter).",
                 ),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the random augmentations."),
+                io.Int.Input(
+                    "seed",
+                    default=SPEC_DEFAULTS.seed,
+                    min=0,
+                    max=2**31 - 1,
+                    tooltip="Seed of the random augmentations.",
+                ),
                 io.Boolean.Input(
                     "cache_on_disk", default=True, tooltip="Keep encodings in models/lora2_cache across restarts."
                 ),

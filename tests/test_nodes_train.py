@@ -82,32 +82,6 @@ def test_pack_registers_its_nodes(comfy_host: ComfyHost) -> None:
                 assert spec[1].get("tooltip"), f"LoRA2Train input {name} has no tooltip"
 
 
-def test_train_widget_defaults_are_the_config_defaults(comfy_host: ComfyHost) -> None:
-    from comfyui_lora2.lora2 import LoRA2Config
-    from comfyui_lora2.lora2.train import TrainConfig
-
-    info = comfy_host.nodes.NODE_CLASS_MAPPINGS["LoRA2Train"].INPUT_TYPES()
-    widgets = {name: spec[1].get("default") for section in info.values() for name, spec in section.items()}
-    lora2, train = LoRA2Config(), TrainConfig()
-    expected = {
-        "steps": train.steps,
-        "batch_size": train.batch_size,
-        "learning_rate": train.lr,
-        "rank_learning_rate": train.nu_lr,
-        "optimizer": train.optimizer,
-        "init_rank": lora2.init_rank,
-        "max_rank": lora2.max_rank,
-        "targets": lora2.targets,
-        "importance_mass": lora2.mass,
-        "prior_strength": lora2.prior_strength,
-        "training_dtype": train.dtype,
-        "gradient_checkpointing": train.gradient_checkpointing,
-        "eval_every": train.eval_every,
-        "mode": "LoRA²",
-    }
-    assert {name: widgets[name] for name in expected} == expected
-
-
 def test_fixed_rank_mode_trains_plain_lora_through_the_same_node(comfy_host: ComfyHost, subject: Path) -> None:
     from support.tiny_nodes import CAPTURED
 

@@ -188,3 +188,15 @@ def test_a_host_interrupt_is_a_cancel_and_a_nan_saves_the_last_finite_adapter(tm
         train_run(run_target, LORA2, TRAIN, hooks)
     assert saved[-1] == tmp_path / "run_step000003.safetensors"
     assert not any(module._forward_hooks for module in model.modules())  # detached after the error too
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_gradient_checkpointing_wraps_the_blocks_for_the_run_only(checkpointing: bool) -> None:
+    run_target = target()
+    block = run_target.module.mid
+    run_target.checkpoint_modules = [block]
+    wrapped: list[bool] = []
+    hooks = RunHooks(on_step=[lambda event: wrapped.append("forward" in vars(block))])
+    train = TrainConfig(steps=2, batch_size=2, dtype="float32", gradient_checkpointing=checkpointing)
+    train_run(run_target, LORA2, train, hooks)
+    assert wrapped == [checkpointing, checkpointing] and "forward" not in vars(block)
