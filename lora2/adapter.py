@@ -16,9 +16,11 @@ from typing import Any
 import torch
 
 from . import rank as rank_math
+from . import sizes
 from .attach import LoRA2Handle
 from .config import LoRA2Config
 from .errors import LoRA2Error
+from .sizes import FP16_BYTES
 
 
 def check_factor_shapes(up: torch.Tensor, down: torch.Tensor, where: str) -> None:
@@ -138,8 +140,8 @@ class Adapter:
     def num_parameters(self) -> int:
         return sum(c.num_parameters for c in self.components.values())
 
-    def megabytes(self, bytes_per_number: int = 2) -> float:
-        return self.num_parameters() * bytes_per_number / 1e6
+    def megabytes(self, bytes_per_number: int = FP16_BYTES) -> float:
+        return sizes.megabytes(self.num_parameters(), bytes_per_number)
 
     def delta(self, name: str) -> torch.Tensor:
         if name not in self.components:

@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 
 from . import rank as rank_math
+from . import sizes
 from .adapter import Adapter, Component
 from .errors import LoRA2Error
 from .spectrum import TOLERANCE, Spectrum, check_fraction, energy_rank, factor_svd
@@ -106,7 +107,7 @@ class PruneReport:
     policy: str
     setting: dict[str, Any]
     components: list[ComponentPrune] = field(default_factory=list)
-    bytes_per_number: int = 2
+    bytes_per_number: int = sizes.FP16_BYTES
 
     @property
     def parameters_before(self) -> int:
@@ -118,11 +119,11 @@ class PruneReport:
 
     @property
     def megabytes_before(self) -> float:
-        return self.parameters_before * self.bytes_per_number / 1e6
+        return sizes.megabytes(self.parameters_before, self.bytes_per_number)
 
     @property
     def megabytes_after(self) -> float:
-        return self.parameters_after * self.bytes_per_number / 1e6
+        return sizes.megabytes(self.parameters_after, self.bytes_per_number)
 
     @property
     def dropped(self) -> list[str]:
@@ -196,7 +197,7 @@ def _apply_ranks(
     ranks: dict[str, int],
     policy: str,
     setting: dict[str, Any],
-    bytes_per_number: int = 2,
+    bytes_per_number: int = sizes.FP16_BYTES,
 ) -> tuple[Adapter, PruneReport]:
     """Re-factor every component at its chosen rank (0 drops it) and build the report."""
     report = PruneReport(policy=policy, setting=setting, bytes_per_number=bytes_per_number)
@@ -261,8 +262,7 @@ Weighting = Literal["per_parameter", "energy"]
 
 
 def _budget(max_parameters: int | None, max_megabytes: float | None, bytes_per_number: int) -> int:
-    if bytes_per_number < 1:
-        raise LoRA2Error(f"bytes_per_number must be at least 1 (2 for fp16), got {bytes_per_number}")
+    sizes.check_bytes_per_number(bytes_per_number)
     limits = []
     if max_parameters is not None:
         if max_parameters < 0:
@@ -271,7 +271,7 @@ def _budget(max_parameters: int | None, max_megabytes: float | None, bytes_per_n
     if max_megabytes is not None:
         if max_megabytes < 0:
             raise LoRA2Error(f"max_megabytes must be 0 or more, got {max_megabytes}")
-        limits.append(int(max_megabytes * 1e6 // bytes_per_number))
+        limits.append(sizes.parameters_in(max_megabytes, bytes_per_number))
     if not limits:
         raise LoRA2Error("prune_to_budget needs max_parameters or max_megabytes")
     return min(limits)
@@ -281,7 +281,7 @@ def prune_to_budget(
     adapter: Adapter,
     max_parameters: int | None = None,
     max_megabytes: float | None = None,
-    bytes_per_number: int = 2,
+    bytes_per_number: int = sizes.FP16_BYTES,
     weighting: Weighting = "per_parameter",
 ) -> tuple[Adapter, PruneReport]:
     """Spend a global parameter budget on the singular directions that carry the most energy.

@@ -31,6 +31,7 @@ from .checkpointing import checkpointed
 from .config import DTYPES
 from .errors import LoRA2Error
 from .noise import Prepared
+from .sizes import FP16_BYTES, megabytes
 
 
 class BatchLike(Protocol):
@@ -206,9 +207,9 @@ class TrainResult:
     generator: torch.Generator
 
 
-def adapter_megabytes(handle: LoRA2Handle, bytes_per_number: int = 2) -> float:
+def adapter_megabytes(handle: LoRA2Handle, bytes_per_number: int = FP16_BYTES) -> float:
     """Projected size of the exported adapter (fp16 by default)."""
-    return handle.num_parameters() * bytes_per_number / 1e6
+    return megabytes(handle.num_parameters(), bytes_per_number)
 
 
 def _warmup_factor(warmup: int) -> Callable[[int], float]:
