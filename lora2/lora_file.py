@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from .adapter import Adapter, Component, ResumeState
 from .errors import LoRA2Error
 from .lora_formats import fold_scale, parse_lora
+from .lora_keys import default_key
 from .lora_metadata import FORMAT_VERSION, kohya_base_model, kohya_steps, parse_lora2_info
 from .paths import atomic_write
 
@@ -51,21 +52,6 @@ FILE_KEYS = "file_keys"
 """``adapter.extra[FILE_KEYS]``: component name -> the LoRA key it was read from (or trained for). It rides
 in ``extra`` because every step between Load and Save (prune, copies) carries ``extra`` along, so a file
 re-saved without the MODEL connected keeps the names the tools that read it before expect."""
-
-FOREIGN_PREFIXES = ("lora_", "lycoris_", "diffusion_model.", "unet.", "transformer.", "text_encoder", "base_model.")
-"""Component names that are already LoRA key prefixes (read from another tool's file): kept as they are,
-so a pruned or re-saved foreign LoRA stays readable by whatever read it before."""
-
-
-def is_foreign_key(name: str) -> bool:
-    return name.startswith(FOREIGN_PREFIXES)
-
-
-def default_key(module_name: str) -> str:
-    """kohya's naming, ``lora_unet_`` + the module path with dots as underscores (foreign keys kept)."""
-    if is_foreign_key(module_name):
-        return module_name
-    return "lora_unet_" + module_name.replace(".", "_")
 
 
 def lora_key(adapter: Adapter, name: str, key_for: Callable[[str], str] = default_key) -> str:

@@ -1,8 +1,8 @@
 """Read the LoRA tensor layouts in circulation into (up, down, scale) per adapted weight.
 
-One table of key suffixes covers the formats ComfyUI, kohya, A1111, diffusers and PEFT write:
-``.lora_up/.lora_down`` (kohya, ComfyUI-native ``diffusion_model.*``), ``.lora_B/.lora_A`` (PEFT and
-diffusers), ``.lora.up/.lora.down`` and ``_lora.up/_lora.down`` (older diffusers attention
+One table of key suffixes (:data:`lora2.lora_keys.SUFFIXES`) covers the formats ComfyUI, kohya, A1111,
+diffusers and PEFT write: ``.lora_up/.lora_down`` (kohya, ComfyUI-native ``diffusion_model.*``),
+``.lora_B/.lora_A`` (PEFT and diffusers), ``.lora.up/.lora.down`` and ``_lora.up/_lora.down`` (older diffusers attention
 processors), ``.lora_linear_layer.up/.down`` (transformers-style) and ``.lora_B.default`` (PEFT with a
 named adapter). ``<key>.alpha`` gives kohya's scale ``alpha / rank``; without it the scale is 1, which
 is what ComfyUI and diffusers assume too. Formats whose ΔW is not ``up @ down`` (LoCon's Tucker
@@ -18,18 +18,7 @@ import torch
 
 from .adapter import check_factor_shapes
 from .errors import LoRA2Error
-
-SUFFIXES: tuple[tuple[str, str, str], ...] = (
-    ("kohya", ".lora_up.weight", ".lora_down.weight"),
-    ("peft", ".lora_B.weight", ".lora_A.weight"),
-    ("peft", ".lora_B.default.weight", ".lora_A.default.weight"),
-    ("diffusers", ".lora.up.weight", ".lora.down.weight"),
-    ("diffusers", "_lora.up.weight", "_lora.down.weight"),
-    ("transformers", ".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"),
-    ("peft", ".lora_B", ".lora_A"),
-)
-"""(format, up suffix, down suffix), most specific first."""
-UNSUPPORTED = {".lora_mid.weight": "LoCon/Tucker 'lora_mid'", ".dora_scale": "DoRA 'dora_scale'"}
+from .lora_keys import ALPHA_SUFFIX, SUFFIXES, UNSUPPORTED, LoRAFormat, detect_format
 
 
 @dataclass
@@ -37,7 +26,7 @@ class ParsedLoRA:
     """What a LoRA state dict holds: per key prefix ``(up, down, scale)``, its format, and leftovers."""
 
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
-    format: str
+    format: LoRAFormat
     ignored: list[str] = field(default_factory=list)
 
 
@@ -49,7 +38,7 @@ def parse_lora(tensors: dict[str, torch.Tensor], source: str = "this file") -> P
             raise LoRA2Error(f"{source} uses {what} ({bad}); only plain LoRA (up @ down) can be read")
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     used: set[str] = set()
-    formats: list[str] = []
+    formats: list[tuple[str, LoRAFormat]] = []
     for name, up_suffix, down_suffix in SUFFIXES:
         for key in sorted(tensors):
             if key in used or not key.endswith(up_suffix):
@@ -59,18 +48,15 @@ def parse_lora(tensors: dict[str, torch.Tensor], source: str = "this file") -> P
             if down_key not in tensors:
                 raise LoRA2Error(f"{source}: {key} has no matching {down_key}")
             up, down = _factors(tensors, key, down_key, source)
-            alpha_key = prefix + ".alpha"
+            alpha_key = prefix + ALPHA_SUFFIX
             alpha = _alpha(tensors[alpha_key], f"{source}: '{alpha_key}'") if alpha_key in tensors else None
             scale = 1.0 if alpha is None else alpha / down.shape[0]
             used.update({key, down_key, alpha_key})
             pairs[prefix] = (up, down, scale)
-            formats.append(name)
+            formats.append((prefix, name))
     if not pairs:
         raise LoRA2Error(f"{source} holds no LoRA weights (no up/down pairs such as '<key>.lora_up.weight')")
-    kind = max(set(formats), key=formats.count)
-    if kind == "kohya" and any(k.startswith("diffusion_model.") for k in pairs):
-        kind = "comfyui"
-    return ParsedLoRA(pairs, kind, sorted(set(tensors) - used))
+    return ParsedLoRA(pairs, detect_format(formats), sorted(set(tensors) - used))
 
 
 def _factors(tensors: dict[str, torch.Tensor], up_key: str, down_key: str, source: str) -> tuple[torch.Tensor, ...]:

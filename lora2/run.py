@@ -32,7 +32,8 @@ from .attach import LoRA2Handle, attach
 from .checkpointing import find_blocks
 from .config import LoRA2Config
 from .errors import LoRA2Error
-from .lora_file import default_key, with_file_keys
+from .lora_file import with_file_keys
+from .lora_keys import default_key
 from .model_prep import inplace_safe_norms, make_trainable, ordinary_tensors
 from .resume_check import check_resume_optimizer
 from .train import BatchLike, Denoiser, History, NoiseRuleLike, StepReport, TrainConfig, Trainer

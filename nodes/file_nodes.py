@@ -6,7 +6,8 @@ import logging
 
 import torch
 
-from ..lora2.lora_file import default_key, load_adapter, save_adapter
+from ..lora2.lora_file import load_adapter, save_adapter
+from ..lora2.lora_keys import default_key
 from .comfy import files, io, patches
 from .types import CATEGORY, Adapter
 

@@ -13,7 +13,7 @@ from comfyui_lora2.lora2 import LoRA2Error
 from comfyui_lora2.lora2.adapter import Adapter, Component
 from comfyui_lora2.lora2.heatmap import build_rank_table, cell_colour, draw_heatmap, layout, render_heatmap
 from comfyui_lora2.lora2.heatmap_draw import EMPTY, displayable, luminance, palette_colour, text_colour
-from comfyui_lora2.lora2.lora_file import default_key
+from comfyui_lora2.lora2.lora_keys import default_key
 from comfyui_lora2.lora2.train import History
 
 ATTN = [f"{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")]

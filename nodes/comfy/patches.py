@@ -16,7 +16,8 @@ from comfy.weight_adapter.lora import LoRAAdapter
 
 from ...lora2.adapter import Adapter
 from ...lora2.errors import LoRA2Error
-from ...lora2.lora_file import file_factors, is_foreign_key
+from ...lora2.lora_file import file_factors
+from ...lora2.lora_keys import TEXT_ENCODER_PREFIXES, is_foreign_key
 from .model import base_model, model_family
 
 log = logging.getLogger("LoRA²")
@@ -24,9 +25,6 @@ log = logging.getLogger("LoRA²")
 
 def weight_key(component: str) -> str:
     return f"diffusion_model.{component}.weight"
-
-
-TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te1_", "te2_", "lora_te1", "lora_te2", "clip_")
 
 
 def patch_targets(model, names) -> tuple[dict[str, object], list[str]]:
