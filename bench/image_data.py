@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..lora2.errors import LoRA2Error
 from .tiny_diffusion import CONTEXT_DIM, LATENT_SIZE, POOLED_DIM, TOKENS, Family, build_model
 
 PHOTO_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dreambooth_256"
@@ -191,17 +192,44 @@ def cache_dir() -> Path:
     return path
 
 
-def _cache_key(model_name: str, seed: int, images: ImageSet, note: str) -> str:
+def without_subjects(images: ImageSet, exclude: Sequence[str]) -> ImageSet:
+    """``images`` minus every image of the subjects named in ``exclude`` (``names`` keeps them all, so
+    subject indices and caption embeddings stay the same); unknown names raise naming the subject."""
+    unknown = sorted(set(exclude) - set(images.names))
+    if unknown:
+        raise LoRA2Error(f"cannot hold out subject(s) {unknown}: the {images.source} images have {images.names}")
+    dropped = torch.tensor([images.names.index(name) for name in exclude], dtype=images.subjects.dtype)
+    return images.select(~torch.isin(images.subjects, dropped))
+
+
+def pretraining_key(
+    model_name: str,
+    seed: int,
+    images: ImageSet,
+    note: str = "",
+    exclude: Sequence[str] = (),
+    steps: int = PRETRAIN_STEPS,
+) -> str:
+    """The cache name of a pre-trained base: everything that changes its weights.
+
+    ``images`` are the images before ``exclude`` is applied. The held-out subjects enter the key by
+    name, on top of the fingerprint of the images actually trained on, so a base pre-trained with a
+    subject held out is never reused where it was not (and vice versa). With no ``exclude`` and the
+    default steps the key is the one this function has always produced, so existing caches stay valid.
+    """
+    trained_on = without_subjects(images, exclude) if exclude else images
     fingerprint = {
         "version": CACHE_VERSION,
         "model": model_name,
         "seed": seed,
-        "source": images.source,
-        "names": images.names,
-        "latents": hashlib.sha256(images.latents.numpy().tobytes()).hexdigest(),
-        "recipe": [PRETRAIN_STEPS, PRETRAIN_BATCH, PRETRAIN_LR],
+        "source": trained_on.source,
+        "names": trained_on.names,
+        "latents": hashlib.sha256(trained_on.latents.numpy().tobytes()).hexdigest(),
+        "recipe": [steps, PRETRAIN_BATCH, PRETRAIN_LR],
         "note": note,
     }
+    if exclude:
+        fingerprint["exclude"] = sorted(exclude)
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -239,20 +267,29 @@ def base_model(
     images: ImageSet,
     note: str = "",
     log: Callable[[str], None] = print,
+    exclude: Sequence[str] = (),
+    steps: int = PRETRAIN_STEPS,
 ) -> nn.Module:
     """The seeded tiny model; for ``base="pretrained"`` also pre-trained on ``images`` (cached on disk).
 
-    ``note`` goes into the cache key (e.g. which subject was held out of ``images``).
+    ``exclude`` names subjects whose images the pre-training never sees (a held-out subject for
+    personalisation); ``steps`` is the pre-training length. Both go into the cache key
+    (:func:`pretraining_key`), and so does ``note``.
     """
     model = build_model(model_name, seed)
     if base == "random":
         return model
-    path = cache_dir() / f"{model_name}_{_cache_key(model_name, seed, images, note)}.pt"
+    path = cache_dir() / f"{model_name}_{pretraining_key(model_name, seed, images, note, exclude, steps)}.pt"
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model
-    log(f"pre-training the {model_name} base on {len(images.subjects)} {images.source} images ({PRETRAIN_STEPS} steps)")
-    pretrain(model, family, images, seed)
+    trained_on = without_subjects(images, exclude) if exclude else images
+    held_out = f", holding out {', '.join(exclude)}" if exclude else ""
+    log(
+        f"pre-training the {model_name} base on {len(trained_on.subjects)} {images.source} images"
+        f" ({steps} steps{held_out})"
+    )
+    pretrain(model, family, trained_on, seed, steps)
     temporary = path.with_suffix(".tmp")
     torch.save(model.state_dict(), temporary)
     temporary.replace(path)
