@@ -31,6 +31,7 @@ from .errors import LoRA2Error
 from .layers import AdaptiveLoRA, WidthChange
 from .optimizer_state import replace_parameter, zero_positions
 from .rank_control import EvidenceControl
+from .rank_decision import start_nu, target_widths
 from .targets import select_targets
 
 STEP_KEY = "__step__"
@@ -62,10 +63,7 @@ class LoRA2Handle:
 
     # ----------------------------------------------------------------- construction
     def _initial_nu(self) -> float:
-        cfg = self.config
-        if not cfg.adaptive:
-            return 0.0
-        return rank_math.nu_for_rate(rank_math.rate_for_width(cfg.init_rank, cfg.mass, cfg.margin))
+        return start_nu(self.config)
 
     def _attach(self) -> None:
         cfg = self.config
@@ -179,10 +177,9 @@ class LoRA2Handle:
             return self._evidence_step(optimizer)
         reallocate = self.step_count % cfg.resize_every == 0
         components = self.components
-        lams = self.rates().float().cpu().tolist()  # one device sync for all components
+        widths = target_widths(self.rates().float().cpu().tolist(), cfg)  # one device sync for all components
         changes: dict[str, WidthChange] = {}
-        for (name, component), lam in zip(components.items(), lams, strict=True):
-            target = rank_math.width_for_rate(lam, cfg.mass, cfg.margin, cfg.max_rank)
+        for (name, component), target in zip(components.items(), widths, strict=True):
             if not reallocate:
                 target = min(target, component.capacity)
             if target == component.width and not (reallocate and component.capacity != target):

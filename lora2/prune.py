@@ -31,10 +31,10 @@ from typing import Any, Literal
 
 import torch
 
-from . import rank as rank_math
 from . import sizes
 from .adapter import Adapter, Component
 from .errors import LoRA2Error
+from .rank_decision import mass_width
 from .spectrum import TOLERANCE, Spectrum, check_fraction, energy_rank, factor_svd
 
 
@@ -78,12 +78,7 @@ def svd_refactor(component: Component, rank: int) -> Component:
 def mass_rank(nu: float, width: int, mass: float) -> int:
     """Fewest leading positions whose LoRA² importance ``p`` (over ``width`` positions) sums to ``mass``."""
     check_fraction(mass, "the importance mass")
-    if mass >= 1.0:
-        return width
-    p = rank_math.importance(rank_math.rate(torch.tensor(float(nu), dtype=torch.float64)), width)
-    cumulative = p.cumsum(0)
-    k = int(torch.searchsorted(cumulative, torch.tensor([mass * (1.0 - TOLERANCE)], dtype=torch.float64)).item()) + 1
-    return max(1, min(k, width))
+    return mass_width(nu, width, mass, TOLERANCE)
 
 
 # ----------------------------------------------------------------------------- report

@@ -31,6 +31,7 @@ from .checkpointing import checkpointed
 from .config import DTYPES
 from .errors import LoRA2Error
 from .noise import Prepared
+from .rank_decision import freeze_step
 from .sizes import FP16_BYTES, megabytes
 
 
@@ -135,7 +136,7 @@ class TrainConfig:
     @property
     def freeze_step(self) -> int:
         """The step from which ranks are frozen."""
-        return self.steps - int(self.steps * self.rank_freeze_fraction)
+        return freeze_step(self.steps, self.rank_freeze_fraction)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
