@@ -68,16 +68,6 @@ def pmf(positions: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     return torch.exp(-lam * positions + torch.log(-torch.expm1(-lam)))
 
 
-def cdf(x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """Φ(x) = 1 − e^{−λ x}: the mass of positions ``0 .. ⌈x⌉−1`` for integer x."""
-    return -torch.expm1(-lam * x)
-
-
-def mean_position(lam: torch.Tensor) -> torch.Tensor:
-    """E[i] = e^{−λ} / (1 − e^{−λ}) = 1 / (e^{λ} − 1), the distribution's mean position."""
-    return 1.0 / torch.expm1(lam)
-
-
 def width_for_rate(lam: float, mass: float, margin: int, max_rank: int) -> int:
     """The component's width: ``⌈−ln(1−k)/λ⌉ + margin`` clamped to ``[1, max_rank]``.
 
