@@ -92,20 +92,23 @@ def test_the_denoised_rule_loss_is_the_models_native_mse(kind: str, sigma_data: 
     torch.testing.assert_close(loss, native_mse(raw, target), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
-def test_the_ddpm_rule_matches_diffusers_forward_process_and_targets(prediction: str) -> None:
-    scheduler = DDPMScheduler(num_train_timesteps=1000)
+def loss_seen_by_a_fixed_prediction(rule) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]:
+    """``(x0, prediction, what the model was given, the trainer's loss)`` for a model that always predicts ``raw``."""
     x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
     raw = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
-    seen = {}
+    seen: dict = {}
 
     def denoiser(x, t, _):
         seen.update(x=x, t=t)
         return raw
 
-    loss = trainer_for(denoiser, DDPMRule(scheduler.alphas_cumprod, prediction))._loss(
-        Batch(x0, {}), torch.Generator().manual_seed(SEED)
-    )
+    return x0, raw, seen, trainer_for(denoiser, rule)._loss(Batch(x0, {}), torch.Generator().manual_seed(SEED))
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_the_ddpm_rule_matches_diffusers_forward_process_and_targets(prediction: str) -> None:
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    x0, raw, seen, loss = loss_seen_by_a_fixed_prediction(DDPMRule(scheduler.alphas_cumprod, prediction))
     generator = torch.Generator().manual_seed(SEED)
     noise = torch.randn(SHAPE, generator=generator)
     t = torch.randint(0, 1000, (SHAPE[0],), generator=generator)
@@ -116,16 +119,8 @@ def test_the_ddpm_rule_matches_diffusers_forward_process_and_targets(prediction:
 
 
 def test_the_flow_rule_is_rectified_flow_with_sd3_timestep_shift() -> None:
-    x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
-    raw = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
-    seen = {}
-
-    def denoiser(x, t, _):
-        seen.update(x=x, t=t)
-        return raw
-
     shift = 3.0
-    loss = trainer_for(denoiser, FlowRule(shift=shift))._loss(Batch(x0, {}), torch.Generator().manual_seed(SEED))
+    x0, raw, seen, loss = loss_seen_by_a_fixed_prediction(FlowRule(shift=shift))
     noise, u = draws(SHAPE[0])
     t = shift * u / (1 + (shift - 1) * u)
     torch.testing.assert_close(seen["t"], t * 1000)
