@@ -85,6 +85,8 @@ class AdaptiveLoRA(nn.Module):
         self.observe_token: object = 0
         """Changes once per optimizer step: the sketch takes one gradient per step (not a recomputation's)."""
         self._observed_token: object = None
+        self._scale_key: tuple | None = None
+        self._scale: torch.Tensor | None = None
 
     # ----------------------------------------------------------------- shapes and initialisation
     @property
@@ -126,10 +128,28 @@ class AdaptiveLoRA(nn.Module):
             return rank_math.uniform_importance(self.width, self.nu.device)
         return rank_math.importance(self.rate(), self.width)
 
+    def scale(self, dtype: torch.dtype) -> torch.Tensor:
+        """``alpha·p`` in ``dtype``: computed once and reused by every forward until ν or the width changes.
+
+        ``p`` costs about ten small kernels; a model with a hundred components calls its hooks a hundred
+        times per forward (twice with gradient checkpointing, again in every evaluation), which on a
+        small model was a tenth of the step. The cache is keyed on what ``p`` depends on: the width and
+        ν's storage and version counter (every in-place change, an optimizer step or ``fill_``, bumps
+        it). Only when ν is being learned and gradients are on is ``p`` part of the graph, and rebuilt.
+        """
+        if self.nu.requires_grad and torch.is_grad_enabled():
+            return (self.alpha * self.importance()).to(dtype)
+        key = (self.width, self.nu.data_ptr(), self.nu._version, dtype, self.adaptive)
+        if self._scale_key != key or self._scale is None:
+            with torch.no_grad():
+                self._scale = (self.alpha * self.importance()).to(dtype)
+            self._scale_key = key
+        return self._scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """ΔW·x without building ΔW: ``up · (alpha·p ⊙ (down · x))`` on the active positions only."""
         compute_dtype = x.dtype if x.is_floating_point() else torch.float32
-        scale = (self.alpha * self.importance()).to(compute_dtype)
+        scale = self.scale(compute_dtype)
         down = self.down[: self.width].to(compute_dtype)
         up = self.up[:, : self.width].to(compute_dtype)
         if not self.is_conv:

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 
 from .adapter import Adapter, Component, ResumeState
 from .errors import LoRA2Error
-from .lora_formats import fold_scale, parse_lora
+from .lora_formats import fold_scale_, parse_lora
 from .lora_keys import default_key
 from .lora_metadata import FORMAT_VERSION, kohya_base_model, kohya_steps, parse_lora2_info
 from .paths import atomic_write
@@ -183,7 +183,7 @@ def load_adapter(path: Path, with_resume: bool = True) -> Adapter:
     parsed = parse_lora(tensors, source)
     components, keys = {}, {}
     for key, (up, down, scale) in parsed.pairs.items():
-        up, down = fold_scale(up, down, scale)
+        up, down = fold_scale_(up, down, scale)
         name = info.modules.get(key, key)
         if name in components:
             raise LoRA2Error(f"{source}: two LoRA keys belong to the module {name!r}; the file is damaged")

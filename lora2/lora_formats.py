@@ -59,11 +59,19 @@ def parse_lora(tensors: dict[str, torch.Tensor], source: str = "this file") -> P
     return ParsedLoRA(pairs, detect_format(formats), sorted(set(tensors) - used))
 
 
+COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""Factor dtypes kept as stored; others (fp8 ...) are widened to float32 once, since they cannot be computed with."""
+
+
 def _factors(tensors: dict[str, torch.Tensor], up_key: str, down_key: str, source: str) -> tuple[torch.Tensor, ...]:
-    """The pair as float32, refused by file and key when it is not a finite LoRA pair."""
+    """The pair in the file's own dtype, refused by file and key when it is not a finite LoRA pair.
+
+    Not widened to float32: a float16 file would take three times its size in memory (the file's
+    tensors, then two float32 copies) for numbers every consumer widens per use anyway.
+    """
     up, down = tensors[up_key], tensors[down_key]
     check_factor_shapes(up, down, f"{source}: '{up_key}' {_shape(up)} / '{down_key}' {_shape(down)}")
-    up, down = up.float(), down.float()
+    up, down = (t if t.dtype in COMPUTE_DTYPES else t.float() for t in (up, down))
     for key, tensor in ((up_key, up), (down_key, down)):
         if not bool(torch.isfinite(tensor).all()):
             raise LoRA2Error(f"{source}: '{key}' holds NaN or infinite values; the file is damaged, replace it")
@@ -84,9 +92,14 @@ def _alpha(tensor: torch.Tensor, where: str) -> float:
     return value
 
 
-def fold_scale(up: torch.Tensor, down: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move ``scale`` into the factors (√ on each side) so that ``ΔW = up @ down`` exactly."""
+def fold_scale_(up: torch.Tensor, down: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move ``scale`` into the factors (√ on each side, in place) so that ``ΔW = up @ down``.
+
+    In place because the factors are the file's freshly read tensors: a scaled copy of each would
+    double what loading holds. In float16/bfloat16 the product is rounded once to the factor's dtype,
+    the precision the file was written in.
+    """
     if scale == 1.0:
         return up, down
     root = abs(scale) ** 0.5
-    return up * (root if scale > 0 else -root), down * root
+    return up.mul_(root if scale > 0 else -root), down.mul_(root)

@@ -63,14 +63,27 @@ def available_optimizers() -> list[str]:
     return [*BASE_OPTIMIZERS, *extra]
 
 
+def _one_kernel(kind: type[torch.optim.Optimizer], groups: list[dict], **settings) -> torch.optim.Optimizer:
+    """``kind`` with its fused kernel where the parameters allow it (CUDA, CPU), else its foreach one.
+
+    Why: a LoRA² model has two factor tensors per component, a few hundred in all, and torch's default
+    on CPU is a Python loop of about ten small kernels per tensor; the fused step is one kernel for
+    them all (measured in bench/NOTES.md). The update is the same algorithm, only the kernel differs.
+    """
+    try:
+        return kind(groups, fused=True, **settings)
+    except (RuntimeError, ValueError):  # a device or dtype the fused kernel does not take
+        return kind(groups, foreach=True, **settings)
+
+
 def make_optimizer(name: str, groups: list[dict], weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """Build the named optimizer over ``groups`` (each group keeps its own ``lr``)."""
     if name == "adamw":
-        return torch.optim.AdamW(groups, weight_decay=weight_decay)
+        return _one_kernel(torch.optim.AdamW, groups, weight_decay=weight_decay)
     if name == "adam":
-        return torch.optim.Adam(groups, weight_decay=weight_decay)
+        return _one_kernel(torch.optim.Adam, groups, weight_decay=weight_decay)
     if name == "sgd":
-        return torch.optim.SGD(groups, momentum=0.9, weight_decay=weight_decay)
+        return _one_kernel(torch.optim.SGD, groups, momentum=0.9, weight_decay=weight_decay)
     if name == "adamw8bit" and "adamw8bit" in available_optimizers():
         import bitsandbytes
 

@@ -1,0 +1,127 @@
+"""The speed and memory shortcuts of issue 13 compute what the plain code computed.
+
+* ``AdaptiveLoRA.scale`` caches ``alpha·p``: the cache must follow every change of ν and of the width,
+  and stay out of the way when ν is being learned (then ``p`` must be in the graph).
+* ``make_optimizer`` takes the fused kernel where it can, and the foreach one where it cannot.
+* Loading a float16 LoRA keeps its factors in float16 (no float32 copies), with the same ΔW.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from comfyui_lora2.lora2 import rank as R
+from comfyui_lora2.lora2.adapter import Adapter, Component
+from comfyui_lora2.lora2.layers import AdaptiveLoRA
+from comfyui_lora2.lora2.lora_file import load_adapter, save_adapter
+from comfyui_lora2.lora2.train import make_optimizer
+
+
+def component(adaptive: bool = True) -> AdaptiveLoRA:
+    c = AdaptiveLoRA(
+        nn.Linear(12, 10),
+        width=6,
+        nu=R.nu_for_rate(0.3),
+        alpha=4.0,
+        adaptive=adaptive,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(1),
+    )
+    with torch.no_grad():
+        c.up.normal_(0.0, 0.2)
+    return c
+
+
+def uncached(c: AdaptiveLoRA, x: torch.Tensor) -> torch.Tensor:
+    """The forward written out with ``p`` computed afresh."""
+    p = c.alpha * c.importance()
+    return torch.nn.functional.linear(torch.nn.functional.linear(x, c.down[: c.width]) * p, c.up[:, : c.width])
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_cached_scale_follows_nu_and_width_changes(adaptive: bool) -> None:
+    c = component(adaptive)
+    c.nu.requires_grad_(False)  # ν follows the width (the evidence rule): the cached path
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        assert torch.equal(c(x), uncached(c, x))
+        c.nu.fill_(R.nu_for_rate(0.9))  # in place, as rank control and optimizers change ν
+        assert torch.equal(c(x), uncached(c, x))
+        c.set_width(4, reallocate=False)
+        assert torch.equal(c(x), uncached(c, x))
+        c.nu.data = torch.tensor(R.nu_for_rate(0.05))  # replaced, as load_state_dict does
+        assert torch.equal(c(x), uncached(c, x))
+        c.set_width(8, reallocate=True)
+        assert torch.equal(c(x), uncached(c, x))
+
+
+def test_cached_scale_is_reused_between_changes() -> None:
+    c = component()
+    c.nu.requires_grad_(False)
+    first = c.scale(torch.float32)
+    assert c.scale(torch.float32) is first
+    assert c.scale(torch.bfloat16) is not first  # one per compute dtype
+    c.nu.add_(0.1)
+    assert c.scale(torch.float32) is not first
+
+
+def test_learned_nu_keeps_its_gradient() -> None:
+    """With ν learned (rank_control='gradient') p stays in the graph: no stale cache, ν gets a gradient."""
+    c = component()
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        c(x)  # an evaluation fills the cache first
+    c(x).pow(2).sum().backward()
+    assert c.nu.grad is not None and float(c.nu.grad.abs()) > 0
+
+
+def test_fused_optimizer_where_the_parameters_allow_it(monkeypatch) -> None:
+    cpu = nn.Parameter(torch.randn(4, 3))
+    assert make_optimizer("adamw", [{"params": [cpu], "lr": 1e-2}]).defaults["fused"] is True
+
+    class NoFusedKernel(torch.optim.Adam):  # what torch raises for a device without the fused kernel
+        def __init__(self, params, fused=None, **kwargs):
+            if fused:
+                raise RuntimeError(
+                    "`fused=True` requires all the params to be floating point Tensors of supported devices"
+                )
+            super().__init__(params, fused=fused, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", NoFusedKernel)
+    fallback = make_optimizer("adam", [{"params": [cpu], "lr": 1e-2}])
+    assert not fallback.defaults["fused"] and fallback.defaults["foreach"] is True
+
+
+def test_fused_step_matches_the_reference_step() -> None:
+    """Same algorithm, another kernel: a few AdamW steps land where torch's reference loop lands."""
+    torch.manual_seed(0)
+    start = torch.randn(5, 4)
+    fused, plain = nn.Parameter(start.clone()), nn.Parameter(start.clone())
+    opt_fused = make_optimizer("adamw", [{"params": [fused], "lr": 1e-2}])
+    opt_plain = torch.optim.AdamW([plain], lr=1e-2, weight_decay=0.0, foreach=False)
+    for step in range(5):
+        grad = torch.randn(5, 4, generator=torch.Generator().manual_seed(step))
+        fused.grad, plain.grad = grad.clone(), grad.clone()
+        opt_fused.step()
+        opt_plain.step()
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-7)
+
+
+def test_float16_file_loads_without_float32_copies(tmp_path) -> None:
+    generator = torch.Generator().manual_seed(0)
+    components = {
+        "proj": Component(up=torch.randn(10, 4, generator=generator), down=torch.randn(4, 12, generator=generator)),
+        "conv": Component(
+            up=torch.randn(6, 3, 1, 1, generator=generator), down=torch.randn(3, 5, 3, 3, generator=generator)
+        ),
+    }
+    path = tmp_path / "half.safetensors"
+    save_adapter(path, Adapter(components), dtype=torch.float16)
+    loaded = load_adapter(path)
+    for name, original in components.items():
+        got = loaded.components[name]
+        assert got.up.dtype == torch.float16 and got.down.dtype == torch.float16, name
+        torch.testing.assert_close(got.delta(), original.delta(), rtol=5e-3, atol=5e-3)
