@@ -10,6 +10,7 @@ It turns ComfyUI's objects into the plain callables and paths ``lora2`` takes, o
 * :mod:`.patches` — an adapter as ModelPatcher LoRA patches; ComfyUI's LoRA key maps and kohya names.
 * :mod:`.files` — models/loras, dataset folders, caches, resume files (``folder_paths``).
 * :mod:`.progress` — the progress bar and Cancel.
+* :mod:`.sampling` — validation samples drawn with ComfyUI's samplers while LoRA² Train runs.
 
 Node declarations need ComfyUI's V3 schema API too; they take it from here (``from .comfy import io,
 ui``) rather than from ``comfy_api`` directly, so that which ComfyUI API version the pack declares
