@@ -72,25 +72,28 @@ def _name_part(part: str) -> str:
     return f"_{part}" if part.split(".")[0].lower() in _RESERVED else part
 
 
-def safe_child(root: str | os.PathLike[str], name: str, suffix: str, known_suffixes: tuple[str, ...] = ()) -> Path:
+def safe_child(
+    root: str | os.PathLike[str], name: str, suffix: str, known_suffixes: tuple[str, ...] = (), what: str = "file name"
+) -> Path:
     """``<root>/<name><suffix>``, sub-folders allowed, never outside ``root``; any script's letters are kept.
 
     Only characters file systems refuse (``<>:"|?*``, control characters) become ``_``, so ``日本語`` and
     ``中文`` stay two names; a name ending in one of ``known_suffixes`` loses it first (``a.safetensors``
-    is ``a``). A name longer than the file system takes is refused, not cut.
+    is ``a``). A name longer than the file system takes is refused, not cut. ``what`` names the name in
+    errors ("file name", "validation run name", ...).
     """
     real_root = Path(os.path.realpath(root))
     parts = [_name_part(part) for part in re.split(r"[\\/]+", name) if part.strip(" .")]
     parts = [part for part in parts if part]
     if not parts:
-        raise LoRA2Error(f"file name {name!r} is empty after removing unsafe characters; use letters and digits")
+        raise LoRA2Error(f"{what} {name!r} is empty after removing unsafe characters; use letters and digits")
     stem = parts[-1]
     for known in known_suffixes:
         stem = stem.removesuffix(known)
     parts[-1] = stem + suffix
     for part in parts:
-        check_name_length(Path(part), "file name")
-    return inside(real_root.joinpath(*parts), real_root, f"file name {name!r}")
+        check_name_length(Path(part), what)
+    return inside(real_root.joinpath(*parts), real_root, f"{what} {name!r}")
 
 
 def check_name_length(path: Path, what: str = "file name") -> None:

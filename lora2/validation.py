@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw
 
 from .errors import LoRA2Error
 from .heatmap_draw import INK, MUTED, displayable, draw_text, text_size
-from .paths import atomic_write, check_name_length, inside
+from .paths import atomic_write, inside, safe_child
 
 log = logging.getLogger("LoRA²")
 
@@ -111,12 +111,7 @@ def run_folder(root: Path, run_name: str) -> Path:
     the way LoRA² Save numbers a file name that is taken. Sub-folders in the name are allowed; leaving
     ``root`` (``..``, absolute paths, symlinks out) is refused.
     """
-    parts = [part for part in run_name.replace("\\", "/").split("/") if part.strip(" .")]
-    if not parts:
-        raise LoRA2Error(f"validation run name {run_name!r} is empty; use letters and digits")
-    for part in parts:
-        check_name_length(Path(part), "validation run name")
-    folder = inside(Path(root).joinpath(*parts), root, f"validation run name {run_name!r}")
+    folder = safe_child(root, run_name, "", what="validation run name")  # the pack's one name rule
     for number in range(1, 10_000):
         candidate = folder if number == 1 else folder.with_name(f"{folder.name}_{number}")
         candidate = inside(candidate, root, f"validation run name {run_name!r}")

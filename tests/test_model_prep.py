@@ -119,3 +119,12 @@ def test_safe_child_refuses_empty_long_and_symlinked_names(tmp_path: Path) -> No
     (tmp_path / "out").symlink_to(tmp_path.parent)
     with pytest.raises(LoRA2Error, match="outside"):
         safe_child(tmp_path, "out/file", ".safetensors")
+
+
+def test_validation_run_folders_follow_the_same_name_rule(tmp_path: Path) -> None:
+    from comfyui_lora2.lora2.validation import run_folder
+
+    assert run_folder(tmp_path, 'runs/my:"dog"') == tmp_path.resolve() / "runs" / "my_dog_"
+    assert run_folder(tmp_path, "aux") == tmp_path.resolve() / "_aux"
+    with pytest.raises(LoRA2Error, match="validation run name"):
+        run_folder(tmp_path, " ./ ")
