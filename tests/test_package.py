@@ -75,3 +75,16 @@ def test_only_the_comfyui_layer_imports_comfyui() -> None:
     }
     assert offenders == {}, f"only nodes/comfy/ may import ComfyUI; move these imports there: {offenders}"
     assert host_imports(layer / "__init__.py") == {"comfy_api"}  # the schema API, re-exported as io/ui
+
+
+def test_the_heatmap_reads_spectra_without_the_pruning_module() -> None:
+    """Drawing a heatmap needs singular values (lora2/spectrum.py), not the pruning policies."""
+    import comfyui_lora2.lora2 as core
+
+    for path in Path(core.__file__).parent.glob("heatmap*.py"):
+        relative = {
+            node.module
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ImportFrom) and node.level
+        }
+        assert "prune" not in relative, f"{path.name} imports lora2.prune"
