@@ -125,3 +125,37 @@ def test_float16_file_loads_without_float32_copies(tmp_path) -> None:
         got = loaded.components[name]
         assert got.up.dtype == torch.float16 and got.down.dtype == torch.float16, name
         torch.testing.assert_close(got.delta(), original.delta(), rtol=5e-3, atol=5e-3)
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(self.fc(x))
+
+
+def sketch_after_one_step(checkpointing: bool) -> dict[str, torch.Tensor]:
+    from comfyui_lora2.lora2 import attach
+    from comfyui_lora2.lora2.checkpointing import checkpointed
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), Block()).requires_grad_(False)
+    handle = attach(model, targets=r"fc", init_rank=2, max_rank=4)
+    with torch.no_grad():
+        for c in handle.components.values():
+            c.up.normal_(0.0, 0.1)
+    blocks = list(model) if checkpointing else []
+    with checkpointed(blocks):
+        model(torch.randn(5, 8)).pow(2).sum().backward()
+    return {name: c.sketch.state_dict() for name, c in handle.components.items()}
+
+
+def test_checkpointed_blocks_feed_the_sketch_exactly_once() -> None:
+    """Recomputation saves what the first pass saved, and the sketch still takes one gradient per step."""
+    plain, checkpointed_run = sketch_after_one_step(False), sketch_after_one_step(True)
+    for name, state in plain.items():
+        assert int(state["count"]) == 1 == int(checkpointed_run[name]["count"]), name
+        for key, value in state.items():
+            torch.testing.assert_close(checkpointed_run[name][key], value, msg=f"{name}.{key}")
