@@ -183,3 +183,36 @@ def test_history_panel_marks_the_validation_steps() -> None:
     assert VALIDATION_MARK in colours and VALIDATION_MARK not in {c for _, c in plain.getcolors(1 << 20)}
     with pytest.raises(LoRA2Error, match="validation_steps"):
         render_history({**history, "validation_steps": ["x"]})
+
+
+def test_a_resumed_run_samples_where_it_resumed_and_keeps_the_earlier_steps(tmp_path: Path) -> None:
+    unet = tiny_unet()
+    latents, conditioning, _ = data()
+
+    def batches(batch_size: int, generator: torch.Generator):
+        while True:
+            pick = torch.randperm(len(latents), generator=generator)[:batch_size]
+            yield Batch(latents[pick], {"cross_attn": conditioning[pick]})
+
+    target = TrainingTarget(module=unet, denoiser=denoiser_for(unet), rule=RULE, batches=batches)
+    lora2 = LoRA2Config(targets="attn", init_rank=2, max_rank=8)
+    train = TrainConfig(steps=10, batch_size=2, lr=3e-3, dtype="float32")
+
+    def hooks(folder: Path, stop_after: int | None = None) -> RunHooks:
+        run = ValidationRun(
+            ValidationConfig(every=4, width=16, height=16), ["p"], lambda: [Image.new("RGB", (16, 16))], folder
+        )
+        live = {}
+
+        def start(trainer) -> None:
+            live["trainer"] = trainer
+            run.observe(trainer, start=True)
+
+        stop = (lambda: live["trainer"].step >= stop_after) if stop_after else None
+        return RunHooks(on_start=[start], on_step=[lambda event: run.observe(event.trainer)], should_stop=stop)
+
+    first = train_run(target, lora2, train, hooks(tmp_path / "a", stop_after=5))
+    assert first.stopped and first.history.validation_steps == [0, 4]
+    resumed = train_run(target, lora2, train, hooks(tmp_path / "b"), resume=first.adapter.resume)
+    assert resumed.history.validation_steps == [0, 4, 5, 8, 10]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [grid_name(s) for s in (5, 8, 10)]
