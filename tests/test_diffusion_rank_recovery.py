@@ -54,13 +54,41 @@ def test_the_seeded_draw_covers_both_ends_respects_the_caps_and_repeats(sd15) ->
     assert bench.draw_planted(layers, seed=1) != planted
 
 
-def test_planted_spectra_scale_with_the_base_weight(sd15) -> None:
+@pytest.mark.parametrize("strength", [1.0, 0.3])
+def test_planted_spectra_scale_with_the_base_weight(sd15, strength: float) -> None:
     layer = next(iter(bench.target_layers(sd15).values()))
-    delta = bench.planted_delta(layer.weight, 4, torch.Generator().manual_seed(0))
+    delta = bench.planted_delta(layer.weight, 4, torch.Generator().manual_seed(0), strength)
     singular = torch.linalg.svdvals(delta)
-    norm = torch.linalg.matrix_norm(layer.weight, ord=2)
+    norm = torch.linalg.matrix_norm(layer.weight, ord=2) * strength
     assert torch.all(singular[:4] >= 0.5 * norm - 1e-5) and torch.all(singular[:4] <= norm + 1e-5)
     assert torch.all(singular[4:] < 1e-5)
+
+
+def test_visible_planting_lies_where_the_data_and_the_output_can_see_it(sd15) -> None:
+    """V inside the leading input directions, U inside the leading output-sensitivity ones, so the
+    update moves the layer's real inputs more than a randomly placed one of the same spectrum."""
+    fam = family("sd15")
+    data = load_images(fam, 0)
+    layers = bench.target_layers(sd15)
+    names = list(layers)[:6]
+    visible = bench.visible_directions(fam, sd15, data, names, seed=0)
+    evaluation_inputs = bench.build_eval_set(fam, sd15, sd15, data, seed=0).layer_inputs
+    gains = []
+    for name in names:
+        seen, rank = visible[name], 4
+        weight = layers[name].weight
+        assert seen.inputs.shape == (weight.shape[1], weight.shape[1])
+        assert seen.outputs.shape == (weight.shape[0], weight.shape[0])
+        delta = bench.planted_delta(weight, rank, torch.Generator().manual_seed(1), 0.3, seen)
+        assert int(torch.linalg.matrix_rank(delta.double(), rtol=1e-6)) == rank
+        u, _, vh = torch.linalg.svd(delta)
+        lead_in, lead_out = seen.inputs[:, : 2 * rank], seen.outputs[:, : 2 * rank]
+        torch.testing.assert_close(lead_in @ (lead_in.T @ vh[:rank].T), vh[:rank].T, atol=1e-4, rtol=0)
+        torch.testing.assert_close(lead_out @ (lead_out.T @ u[:, :rank]), u[:, :rank], atol=1e-4, rtol=0)
+        anywhere = bench.planted_delta(weight, rank, torch.Generator().manual_seed(1), 0.3)
+        h = evaluation_inputs[name]
+        gains.append(float((h @ delta.T).norm() / (h @ anywhere.T).norm()))
+    assert min(gains) > 1.0, gains
 
 
 def test_explicit_planted_ranks_and_their_errors(sd15) -> None:
