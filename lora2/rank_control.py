@@ -12,8 +12,10 @@ the default):
 * **Shrink?** Not within ``growth_patience`` steps of its last growth (a new position starts at zero
   and needs time to learn). Otherwise the SVD of its ΔW, taken through the factors, keeps the leading
   directions whose singular value is at least ``shrink_ratio`` of the largest and at least
-  ``shrink_floor`` of the adapted weight's own spectral norm; the component is re-factored onto them.
-  The weight prior is what makes an unneeded direction fade, and this rule is what removes it.
+  ``shrink_floor`` of the adapted weight's own spectral norm, *or* whose singular value (or a later
+  one's) rose since the previous check: a small direction that is still growing is young, not unneeded.
+  The component is re-factored onto them. The weight prior is what makes an unneeded direction fade,
+  and this rule is what removes it once it has stopped growing.
 
 Between the two, a position's importance ``p(i)`` (``rank.importance``) still orders the positions:
 ν follows the width (the rate whose quantile is the width), and a re-factored component's positions
@@ -80,6 +82,22 @@ def kept_directions(singular_values: torch.Tensor, weight_norm: float, rule: Ran
     return max(1, int((singular_values >= threshold).sum()))
 
 
+def rising_count(singular_values: torch.Tensor, before: torch.Tensor | None) -> int:
+    """How many leading directions are still being learned: up to the last whose singular value rose.
+
+    A direction the weight prior faded is small *and* no longer growing; one that is still being learned
+    is small because it is young (new positions start at zero, the initial ones too, and at a LoRA
+    learning rate they take hundreds of steps to reach their size). Only the first may be shed. ``before``
+    is the previous check's singular values (None: no previous check since the width changed, so nothing
+    is known to have stopped).
+    """
+    if before is None:
+        return int(singular_values.numel())
+    shared = min(singular_values.numel(), before.numel())
+    rose = (singular_values[:shared] > before[:shared]).nonzero()
+    return int(rose[-1]) + 1 if rose.numel() else 0
+
+
 def nu_for_width(width: int, mass: float, margin: int) -> float:
     """The ν whose quantile width is ``width`` (mid-plateau: a small step does not change it)."""
     return rank_math.nu_for_rate(rank_math.rate_for_width(max(int(width), 1 + margin), mass, margin))
@@ -115,6 +133,8 @@ class EvidenceControl:
             growth_alignment=config.growth_alignment,
         )
         self.last_growth = 0
+        self.last_singular: torch.Tensor | None = None
+        """Singular values at the last shrink check (None after a width change): see :func:`rising_count`."""
         self.weight_norm: float | None = None
         if component.sketchable:
             component.sketch = GradientSketch(
@@ -124,6 +144,8 @@ class EvidenceControl:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {"last_growth": torch.tensor(self.last_growth, dtype=torch.int64)}
+        if self.last_singular is not None:
+            state["last_singular"] = self.last_singular.clone()
         if self.sketch is not None:
             state.update(self.sketch.state_dict())
         return state
@@ -132,6 +154,8 @@ class EvidenceControl:
         """Restore :meth:`state_dict` (an empty one restarts the evidence); spans follow the loaded factors."""
         if "last_growth" in state:
             self.last_growth = int(state["last_growth"])
+        last = state.get("last_singular")
+        self.last_singular = None if last is None else last.detach().float().cpu().clone()
         if self.sketch is not None and "u" in state:
             self.sketch.load_state_dict(state)
         else:
@@ -163,6 +187,8 @@ class EvidenceControl:
         change = self._grow(step)
         if change is None and step - self.last_growth >= self.config.growth_patience:
             change = self._shrink()
+        if change is not None:
+            self.last_singular = None
         if change is not None and self.sketch is not None:
             self.sketch.reset_evidence()
         self.refresh_spans()
@@ -190,7 +216,9 @@ class EvidenceControl:
             self.weight_norm = spectral_norm(self.layer.weight)
         scaled_up = c.up[:, : c.width].float().flatten(1) * (c.alpha * c.importance().float())
         singular = factor_svd(scaled_up, c.down[: c.width].float().flatten(1))[1]
-        keep = kept_directions(singular, self.weight_norm, self.rule)
+        singular = singular.float().cpu()
+        keep = max(kept_directions(singular, self.weight_norm, self.rule), rising_count(singular, self.last_singular))
+        self.last_singular = singular
         if keep >= c.width:
             return None
         return c.refactor(keep, self._nu(keep))
