@@ -41,8 +41,8 @@ browser:
 				|| echo "browser: could not install chromium, tests/test_browser.py will skip"; \
 		else echo "browser: chromium not found (apt-get install chromium), tests/test_browser.py will skip"; fi; \
 	fi
-	@if [ ! -d tests/browser/node_modules/playwright-core ]; then \
-		if command -v npm >/dev/null 2>&1; then npm ci --prefix tests/browser \
+	@if [ ! -d devtools/browser/node_modules/playwright-core ]; then \
+		if command -v npm >/dev/null 2>&1; then npm ci --prefix devtools/browser \
 			|| echo "browser: npm ci failed, tests/test_browser.py will skip"; \
 		else echo "browser: npm not found, tests/test_browser.py will skip"; fi; \
 	fi

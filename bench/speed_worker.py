@@ -35,7 +35,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 COMFY_DIR = REPO / ".host" / "ComfyUI"
-TORCHVISION_STUB = REPO / "tests" / "support" / "stubs"
+TORCHVISION_STUB = REPO / "devtools" / "stubs"
 """The import-only torchvision the host needs beside the CPU torch (HOST.md §1); used only if none is installed."""
 
 

@@ -2,11 +2,11 @@
 
 ``make demo`` sets up the pinned environment and the ComfyUI host, then runs this script, which
 
-1. writes the tiny default checkpoint (SD1.5-shaped, seeded, random weights; ``tiny_checkpoint.py``) to
-   ``.host/base/models/checkpoints`` and a small generated subject (``subject.py``) to
+1. writes the tiny default checkpoint (SD1.5-shaped, seeded, random weights; ``devtools/tiny_checkpoint.py``) to
+   ``.host/base/models/checkpoints`` and a small generated subject (``devtools/subject.py``) to
    ``.host/base/input/lora2_subject`` (both only once),
 2. starts the real ComfyUI server on 127.0.0.1 with this pack in ``custom_nodes``,
-3. runs example workflow 1 (``lora2_train_and_inspect``, its API twin in ``tests/workflows``) pointed at
+3. runs example workflow 1 (``lora2_train_and_inspect``, its API twin in ``example_workflows/api``) pointed at
    the tiny model, printing progress as it goes,
 4. writes to ``out/``: the adapter, the pruned adapter, the rank heatmap, the loss/rank chart, the two
    sampled images, and prints a summary table.
@@ -29,20 +29,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
+from comfyui_lora2.devtools.comfy_server import ComfyServer
+from comfyui_lora2.devtools.layout import COMFY_DIR, STUBS_DIR, host_available
+from comfyui_lora2.devtools.subject import write_subject
+from comfyui_lora2.lora2.heatmap import build_rank_table, render_heatmap
+from comfyui_lora2.lora2.heatmap_charts import has_history, render_history
+from comfyui_lora2.lora2.lora_file import load_adapter
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the host tooling (server launcher, torchvision stub) lives there
-
-from PIL import Image  # noqa: E402
-from subject import write_subject  # noqa: E402
-from support.comfy_server import ComfyServer  # noqa: E402
-from support.layout import COMFY_DIR, STUBS_DIR, host_available  # noqa: E402
-
-from comfyui_lora2.lora2.heatmap import build_rank_table, render_heatmap  # noqa: E402
-from comfyui_lora2.lora2.heatmap_charts import has_history, render_history  # noqa: E402
-from comfyui_lora2.lora2.lora_file import load_adapter  # noqa: E402
 
 BASE = REPO / ".host" / "base"
-WORKFLOW = REPO / "tests" / "workflows" / "lora2_train_and_inspect.json"
+WORKFLOW = REPO / "example_workflows" / "api" / "lora2_train_and_inspect.json"
 TINY_CHECKPOINT = "lora2_tiny_sd15.safetensors"
 SUBJECT_FOLDER = "lora2_subject"
 
@@ -57,7 +56,7 @@ def ensure_tiny_checkpoint() -> None:
         return
     say(f"building the tiny default checkpoint (random weights) -> {path.relative_to(REPO)}")
     env = dict(os.environ, PYTHONPATH=f"{COMFY_DIR}{os.pathsep}{STUBS_DIR}", OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, str(REPO / "demo" / "tiny_checkpoint.py"), str(path)], check=True, env=env)
+    subprocess.run([sys.executable, str(REPO / "devtools" / "tiny_checkpoint.py"), str(path)], check=True, env=env)
 
 
 def by_title(prompt: dict[str, Any], title: str) -> dict[str, Any]:

@@ -8,15 +8,13 @@ with Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the host tooling (server launcher, torchvision stub) lives there
+from comfyui_lora2.devtools.comfy_server import ComfyServer
+from comfyui_lora2.devtools.layout import host_available
 
-from support.comfy_server import ComfyServer  # noqa: E402
-from support.layout import host_available  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:

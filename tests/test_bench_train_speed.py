@@ -14,7 +14,8 @@ import subprocess
 import sys
 
 import pytest
-from support.layout import MISSING_HOST_REASON, host_available
+
+from comfyui_lora2.devtools.layout import MISSING_HOST_REASON, host_available
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not host_available(), reason=MISSING_HOST_REASON)]
 

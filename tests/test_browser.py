@@ -3,17 +3,16 @@
 The browser half is ``tests/browser/browser_test.mjs``: it opens the template browser from the side
 bar, picks this pack under "Extensions", loads ``lora2_train_and_inspect`` by clicking its card,
 checks every node is registered (no missing-node dialog), sets the tiny-run overrides of
-``tests/browser/tiny_run.json`` through the widgets, presses Run and waits for the "Rank heatmap"
+``devtools/browser/tiny_run.json`` through the widgets, presses Run and waits for the "Rank heatmap"
 node to show its picture. This side prepares the server (tiny seeded checkpoint, generated subject)
 and checks what the server recorded. A screenshot goes to ``test-artifacts/`` (and ``$LORA2_ARTIFACTS``).
 
-Skips, with the reason, when chromium, Node or ``tests/browser/node_modules`` (``make browser``) is
+Skips, with the reason, when chromium, Node or ``devtools/browser/node_modules`` (``make browser``) is
 missing.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -25,11 +24,21 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from support.comfy_server import running_server
-from support.layout import COMFY_DIR, MISSING_HOST_REASON, PACK_LINK_NAME, STUBS_DIR, host_available, make_base
+
+from comfyui_lora2.devtools.comfy_server import running_server
+from comfyui_lora2.devtools.layout import (
+    COMFY_DIR,
+    MISSING_HOST_REASON,
+    PACK_LINK_NAME,
+    STUBS_DIR,
+    host_available,
+    make_base,
+)
+from comfyui_lora2.devtools.subject import write_subject
 
 REPO = Path(__file__).resolve().parents[1]
 BROWSER_DIR = REPO / "tests" / "browser"
+TOOLS_DIR = REPO / "devtools" / "browser"  # the UI driver, its node_modules, the tiny-run overrides
 CHROMIUM = Path(os.environ.get("LORA2_CHROMIUM", "/usr/bin/chromium"))
 ARTIFACTS = REPO / "test-artifacts"
 SCREENSHOT = "browser_train_and_inspect.png"
@@ -43,8 +52,8 @@ def _skip_reason() -> str | None:
         return f"no chromium at {CHROMIUM} (apt-get install chromium, or set LORA2_CHROMIUM)"
     if shutil.which("node") is None:
         return "Node.js is not installed (node is not on PATH)"
-    if not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir():
-        return "tests/browser/node_modules is missing: run `make browser` (npm ci --prefix tests/browser)"
+    if not (TOOLS_DIR / "node_modules" / "playwright-core").is_dir():
+        return "devtools/browser/node_modules is missing: run `make browser` (npm ci --prefix devtools/browser)"
     return None
 
 
@@ -53,22 +62,19 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(_skip_reason() is not None, r
 
 def _prepare_base(base: Path) -> dict:
     """Tiny checkpoint under the name the overrides pick, the generated subject, a returning user."""
-    tiny = json.loads((BROWSER_DIR / "tiny_run.json").read_text())
+    tiny = json.loads((TOOLS_DIR / "tiny_run.json").read_text())
     base = make_base(base)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{COMFY_DIR}{os.pathsep}{STUBS_DIR}")
     checkpoint = base / "models" / "checkpoints" / tiny["checkpoint"]
     subprocess.run(
-        [sys.executable, str(REPO / "demo" / "tiny_checkpoint.py"), str(checkpoint)],
+        [sys.executable, str(REPO / "devtools" / "tiny_checkpoint.py"), str(checkpoint)],
         check=True,
         env=env,
         capture_output=True,
         timeout=120,
     )
-    spec = importlib.util.spec_from_file_location("lora2_demo_subject", REPO / "demo" / "subject.py")
-    subject = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(subject)
     settings = tiny["subject"]
-    subject.write_subject(base / "input" / settings["folder"], count=settings["count"], size=settings["size"])
+    write_subject(base / "input" / settings["folder"], count=settings["count"], size=settings["size"])
     # A returning user: on a first start the frontend opens the template browser by itself, at a moment
     # that races with the test's own click; the test opens it from the side bar as a user would.
     user_settings = base / "user" / "default" / "comfy.settings.json"
@@ -103,7 +109,7 @@ def test_template_browser_loads_and_runs_the_training_workflow(tmp_path: Path) -
         assert sorted(result["listed"]) == ["lora2_apply", "lora2_inspect_any_lora", WORKFLOW], report
         assert result["thumbnail"]["width"] == 1280 and result["thumbnail"]["height"] == 720, report
         loaded = result["loaded"]
-        workflow = json.loads((REPO / "workflows" / f"{WORKFLOW}.json").read_text())
+        workflow = json.loads((REPO / "example_workflows" / f"{WORKFLOW}.json").read_text())
         assert loaded["nodes"] == len(workflow["nodes"]) and not loaded["unregistered"], report
         assert loaded["missingNodesDialog"] == 0, report
         assert {"1 Data", "2 Train", "3 Inspect & prune", "4 Compare"} <= set(loaded["groups"])

@@ -16,8 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from support.tiny_eval_models import save_tiny_eval_models
 
+from comfyui_lora2.devtools.pictures import pictures, save_photos
+from comfyui_lora2.devtools.tiny_eval_models import save_tiny_eval_models
 from comfyui_lora2.lora2.errors import LoRA2Error
 from comfyui_lora2.lora2.evaluate import EvalModels, evaluate, expand_prompts, images_from_tensor
 from comfyui_lora2.lora2.evaluate_draw import render_table
@@ -32,22 +33,6 @@ def model_folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
 @pytest.fixture(scope="module")
 def models(model_folders: tuple[Path, Path]) -> EvalModels:
     return EvalModels.load(*model_folders)
-
-
-def pictures(count: int, seed: int, size: tuple[int, int] = (40, 48)) -> torch.Tensor:
-    """Smooth random pictures as a ComfyUI IMAGE ``[count, H, W, 3]``: low-frequency noise, upsampled."""
-    generator = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(count, 3, 5, 6, generator=generator)
-    return F.interpolate(coarse, size=size, mode="bilinear", align_corners=False).permute(0, 2, 3, 1).contiguous()
-
-
-def save_photos(folder: Path, images: torch.Tensor) -> Path:
-    """Write an IMAGE batch as PNGs the way ComfyUI's Save Image quantises (``clip(255 x)`` then truncate)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, frame in enumerate(images):
-        pixels = np.clip(255.0 * frame.numpy(), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(folder / f"photo_{i}.png")
-    return folder
 
 
 def test_identical_images_score_one(models: EvalModels, tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """The ComfyUI test harness itself: in-process boot and sampling, and the real server's round trip.
 
 If these fail, every ComfyUI-level test is suspect, so they pin the harness down on stock nodes only
-(plus the test-only nodes of ``support.tiny_nodes``).
+(plus the test-only nodes of ``devtools.tiny_nodes``).
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import json
 
 import pytest
 from PIL import Image
-from support.comfy_host import ComfyHost, run_prompt
-from support.comfy_server import ComfyServer
-from support.layout import MISSING_HOST_REASON, PACK_LINK_NAME, STUBS_DIR, host_available
-from support.prompts import ksampler
+
+from comfyui_lora2.devtools.comfy_host import ComfyHost, run_prompt
+from comfyui_lora2.devtools.comfy_server import ComfyServer
+from comfyui_lora2.devtools.layout import MISSING_HOST_REASON, PACK_LINK_NAME, STUBS_DIR, host_available
+from comfyui_lora2.devtools.prompts import ksampler
 
 pytest_plugins = ["support.fixtures"]
 pytestmark = pytest.mark.skipif(not host_available(), reason=MISSING_HOST_REASON)
@@ -62,7 +63,7 @@ def _sample_prompt(family: str, empty_latent: str, steps: int = 2) -> dict:
     [("sd15", "EmptyLatentImage"), ("sdxl", "EmptyLatentImage"), ("flux", "EmptySD3LatentImage")],
 )
 def test_in_process_ksampler_on_tiny_models(comfy_host: ComfyHost, family: str, empty_latent: str) -> None:
-    from support.tiny_nodes import CAPTURED
+    from comfyui_lora2.devtools.tiny_nodes import CAPTURED
 
     result = run_prompt(_sample_prompt(family, empty_latent)).raise_for_failure()
 
@@ -126,7 +127,7 @@ def _v3_progress_node() -> type:
 
 
 def test_in_process_v3_node_progress_preview_and_interrupt(comfy_host: ComfyHost) -> None:
-    from support.comfy_host import register_test_nodes
+    from comfyui_lora2.devtools.comfy_host import register_test_nodes
 
     register_test_nodes({"HostTestProgress": _v3_progress_node()})
 
@@ -143,8 +144,9 @@ def test_in_process_v3_node_progress_preview_and_interrupt(comfy_host: ComfyHost
 def test_written_sd15_unet_loads_with_stock_unet_loader(comfy_host: ComfyHost) -> None:
     """The generated file passes ComfyUI's SD1.x detection; objects built in Python reach the graph."""
     import torch
-    from support.tiny_models import write_tiny_sd15_unet
-    from support.tiny_nodes import CAPTURED, put_object
+
+    from comfyui_lora2.devtools.tiny_models import write_tiny_sd15_unet
+    from comfyui_lora2.devtools.tiny_nodes import CAPTURED, put_object
 
     write_tiny_sd15_unet(comfy_host.base_dir / "models" / "diffusion_models" / "tiny_sd15.safetensors")
     put_object("cond768", [[torch.randn(1, 77, 768), {}]])
@@ -171,7 +173,7 @@ def test_real_server_round_trip(comfy_server: ComfyServer) -> None:
     yields a CLIP-free [1, 77, 1024] conditioning, so the UNet is the one-level real-width SD2 shape
     (context 1024) that ``UNETLoader``'s model detection accepts.
     """
-    from support.tiny_models import write_tiny_taesd, write_tiny_unet
+    from comfyui_lora2.devtools.tiny_models import write_tiny_taesd, write_tiny_unet
 
     models = comfy_server.base_dir / "models"
     write_tiny_unet(models / "diffusion_models" / "tiny_sd20.safetensors", "sd20")

@@ -15,31 +15,18 @@ import logging
 import pytest
 import torch
 from safetensors.torch import save_file
-from support.comfy_host import ComfyHost, run_prompt
-from support.layout import MISSING_HOST_REASON, host_available
-from support.prompts import ksampler
 
-from comfyui_lora2.lora2 import LoRA2Error, select_targets
-from comfyui_lora2.lora2.adapter import Adapter, Component
+from comfyui_lora2.devtools.adapters import random_adapter
+from comfyui_lora2.devtools.comfy_host import ComfyHost, run_prompt
+from comfyui_lora2.devtools.layout import MISSING_HOST_REASON, host_available
+from comfyui_lora2.devtools.prompts import ksampler
+from comfyui_lora2.lora2 import LoRA2Error
 from comfyui_lora2.lora2.lora_file import load_adapter, read_safetensors
 from comfyui_lora2.lora2.lora_formats import parse_lora
 
 pytest_plugins = ["support.fixtures"]
 needs_host = pytest.mark.skipif(not host_available(), reason=MISSING_HOST_REASON)
 LATENT = {"sd15": ("EmptyLatentImage", 4), "sdxl": ("EmptyLatentImage", 4), "flux": ("EmptySD3LatentImage", 16)}
-
-
-def random_adapter(diffusion_model: torch.nn.Module, family: str, seed: int = 0) -> Adapter:
-    """An adapter on every attention projection with ranks 1..5 and factors large enough to matter."""
-    generator = torch.Generator().manual_seed(seed)
-    components = {}
-    for index, (name, layer) in enumerate(select_targets(diffusion_model, "attn")):
-        rank = 1 + index % 5
-        out_features, in_features = layer.weight.shape
-        up = torch.randn(out_features, rank, generator=generator) * 0.2
-        down = torch.randn(rank, in_features, generator=generator) * 0.2
-        components[name] = Component(up=up, down=down)
-    return Adapter(components=components, base_model=family, steps=1)
 
 
 def sample_prompt(family: str, model_source: dict) -> dict:
@@ -66,8 +53,8 @@ class _WarningCollector(logging.Handler):
 @needs_host
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "flux"])
 def test_stock_loader_matches_lora2_apply(comfy_host: ComfyHost, family: str) -> None:
-    from support.tiny_models import FAMILIES
-    from support.tiny_nodes import CAPTURED, put_object
+    from comfyui_lora2.devtools.tiny_models import FAMILIES
+    from comfyui_lora2.devtools.tiny_nodes import CAPTURED, put_object
 
     adapter = random_adapter(FAMILIES[family].model(0).model.diffusion_model, family)
     key = put_object(f"adapter-{family}", adapter)
@@ -141,8 +128,9 @@ def _diffusers_unet():
 def test_sd15_file_loads_in_diffusers(comfy_host: ComfyHost) -> None:
     import comfy.utils
     from diffusers import StableDiffusionPipeline
-    from support.tiny_models import FAMILIES, SD15_UNET_CONFIG
-    from support.tiny_nodes import put_object
+
+    from comfyui_lora2.devtools.tiny_models import FAMILIES, SD15_UNET_CONFIG
+    from comfyui_lora2.devtools.tiny_nodes import put_object
 
     model = FAMILIES["sd15"].model(0)
     adapter = random_adapter(model.model.diffusion_model, "sd15", seed=5)

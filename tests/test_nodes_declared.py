@@ -14,9 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
-from support.comfy_host import ComfyHost, run_prompt
-from support.layout import MISSING_HOST_REASON, host_available
-from support.prompts import lora2_dataset, lora2_train
+
+from comfyui_lora2.devtools.comfy_host import ComfyHost, run_prompt
+from comfyui_lora2.devtools.layout import MISSING_HOST_REASON, host_available
+from comfyui_lora2.devtools.prompts import lora2_dataset, lora2_train
 
 pytest_plugins = ["support.fixtures"]
 pytestmark = pytest.mark.skipif(not host_available(), reason=MISSING_HOST_REASON)
@@ -134,7 +135,7 @@ TRAIN_SOCKETS = {"model", "dataset"}
 
 
 def test_every_train_widget_reaches_the_config_it_claims(comfy_host: ComfyHost, widget_subject: str) -> None:
-    from support.tiny_nodes import CAPTURED
+    from comfyui_lora2.devtools.tiny_nodes import CAPTURED
 
     inputs = {i.id for i in comfy_host.nodes.NODE_CLASS_MAPPINGS["LoRA2Train"].define_schema().inputs}
     assert inputs == set(TRAIN_WIDGETS) | set(TRAIN_WIDGETS_ELSEWHERE) | TRAIN_SOCKETS  # a new widget: add it here
@@ -161,7 +162,7 @@ def test_every_train_widget_reaches_the_config_it_claims(comfy_host: ComfyHost, 
 
 
 def test_custom_targets_reach_the_config(comfy_host: ComfyHost, widget_subject: str) -> None:
-    from support.tiny_nodes import CAPTURED
+    from comfyui_lora2.devtools.tiny_nodes import CAPTURED
 
     train = {"targets": "custom regex", "custom_targets": r"attn2\.to_k$", "steps": 1}
     run_prompt(graph(widget_subject, train=train)).raise_for_failure()
@@ -187,7 +188,7 @@ DATASET_SOCKETS = {"folder", "vae", "clip", "conditioning"}
 
 
 def test_every_dataset_widget_reaches_the_dataset(comfy_host: ComfyHost, widget_subject: str) -> None:
-    from support.tiny_nodes import CAPTURED
+    from comfyui_lora2.devtools.tiny_nodes import CAPTURED
 
     inputs = {i.id for i in comfy_host.nodes.NODE_CLASS_MAPPINGS["LoRA2Dataset"].define_schema().inputs}
     assert inputs == set(DATASET_WIDGETS) | DATASET_SOCKETS  # a new widget: add it here

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.comfy_host import ComfyHost, run_prompt
-from support.layout import MISSING_HOST_REASON, host_available
-from support.tiny_eval_models import save_tiny_eval_models
-from test_evaluate import pictures, save_photos
+
+from comfyui_lora2.devtools.comfy_host import ComfyHost, run_prompt
+from comfyui_lora2.devtools.layout import MISSING_HOST_REASON, host_available
+from comfyui_lora2.devtools.pictures import pictures, save_photos
+from comfyui_lora2.devtools.tiny_eval_models import save_tiny_eval_models
 
 pytest_plugins = ["support.fixtures"]
 pytestmark = pytest.mark.skipif(not host_available(), reason=MISSING_HOST_REASON)
@@ -38,8 +39,7 @@ def evaluate_prompt(images_key: str, real_folder: str, prompts: str, **overrides
 
 
 def test_evaluate_in_the_graph(comfy_host: ComfyHost, eval_models: tuple[Path, Path]) -> None:
-    from support.tiny_nodes import CAPTURED, put_object
-
+    from comfyui_lora2.devtools.tiny_nodes import CAPTURED, put_object
     from comfyui_lora2.lora2.evaluate import EvalModels, evaluate
 
     subject = pictures(1, seed=21)
@@ -65,7 +65,7 @@ def test_evaluate_in_the_graph(comfy_host: ComfyHost, eval_models: tuple[Path, P
 
 
 def test_missing_model_folder_fails_with_its_name(comfy_host: ComfyHost, eval_models: tuple[Path, Path]) -> None:
-    from support.tiny_nodes import put_object
+    from comfyui_lora2.devtools.tiny_nodes import put_object
 
     save_photos(comfy_host.base_dir / "input" / "eval_missing", pictures(1, seed=24))
     key = put_object("gen-missing", pictures(1, seed=25))

@@ -6,10 +6,10 @@ import os
 import time
 
 import pytest
-from support.comfy_host import ComfyHost, run_prompt
-from support.layout import MISSING_HOST_REASON, host_available
-from test_lora_compat import random_adapter
 
+from comfyui_lora2.devtools.adapters import random_adapter
+from comfyui_lora2.devtools.comfy_host import ComfyHost, run_prompt
+from comfyui_lora2.devtools.layout import MISSING_HOST_REASON, host_available
 from comfyui_lora2.lora2.lora_file import read_safetensors
 
 pytest_plugins = ["support.fixtures"]
@@ -31,8 +31,8 @@ def _object(key: str) -> dict:
 
 
 def test_save_keeps_unicode_names_and_never_overwrites_silently(comfy_host: ComfyHost) -> None:
-    from support.tiny_models import FAMILIES
-    from support.tiny_nodes import put_object
+    from comfyui_lora2.devtools.tiny_models import FAMILIES
+    from comfyui_lora2.devtools.tiny_nodes import put_object
 
     key = put_object("names", random_adapter(FAMILIES["sd15"].model(0).model.diffusion_model, "sd15"))
     loras = comfy_host.base_dir / "models" / "loras" / "names"
@@ -50,8 +50,8 @@ def test_save_keeps_unicode_names_and_never_overwrites_silently(comfy_host: Comf
 
 
 def test_keys_survive_load_prune_save_without_the_model(comfy_host: ComfyHost) -> None:
-    from support.tiny_models import FAMILIES
-    from support.tiny_nodes import put_object
+    from comfyui_lora2.devtools.tiny_models import FAMILIES
+    from comfyui_lora2.devtools.tiny_nodes import put_object
 
     key = put_object("keys", random_adapter(FAMILIES["sd15"].model(0).model.diffusion_model, "sd15"))
     run_prompt(save_prompt(_object(key), "keys/with_model", model=True)).raise_for_failure()
@@ -74,7 +74,8 @@ def test_keys_survive_load_prune_save_without_the_model(comfy_host: ComfyHost) -
 
 def test_sdxl_label_emb_keys_are_the_ones_diffusers_and_comfyui_read(comfy_host: ComfyHost) -> None:
     from diffusers.loaders.lora_conversion_utils import _convert_unet_lora_key
-    from support.tiny_models import FAMILIES
+
+    from comfyui_lora2.devtools.tiny_models import FAMILIES
 
     patches = comfy_host.pack_module().nodes.comfy.patches
     model = FAMILIES["sdxl"].model(0)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from support.comfy_host import ComfyHost, run_prompt
-from support.layout import MISSING_HOST_REASON, host_available
-from test_lora_compat import random_adapter
+
+from comfyui_lora2.devtools.adapters import random_adapter
+from comfyui_lora2.devtools.comfy_host import ComfyHost, run_prompt
+from comfyui_lora2.devtools.layout import MISSING_HOST_REASON, host_available
 
 pytest_plugins = ["support.fixtures"]
 pytestmark = pytest.mark.skipif(not host_available(), reason=MISSING_HOST_REASON)
@@ -31,8 +32,8 @@ def heatmap_prompt(adapter_key: str | None, lora_name: str = "none", history_key
 
 @pytest.mark.parametrize(("family", "rows", "first_row"), [("sd15", 7, "in1.t0"), ("flux", 2, "double0")])
 def test_heatmap_of_an_adapter(comfy_host: ComfyHost, family: str, rows: int, first_row: str) -> None:
-    from support.tiny_models import FAMILIES
-    from support.tiny_nodes import CAPTURED, put_object
+    from comfyui_lora2.devtools.tiny_models import FAMILIES
+    from comfyui_lora2.devtools.tiny_nodes import CAPTURED, put_object
 
     adapter = random_adapter(FAMILIES[family].model(0).model.diffusion_model, family)
     result = run_prompt(heatmap_prompt(put_object(f"heat-{family}", adapter))).raise_for_failure()
@@ -47,8 +48,8 @@ def test_heatmap_of_an_adapter(comfy_host: ComfyHost, family: str, rows: int, fi
 
 
 def test_heatmap_history_panel_and_any_lora_file(comfy_host: ComfyHost) -> None:
-    from support.tiny_models import FAMILIES
-    from support.tiny_nodes import CAPTURED, put_object
+    from comfyui_lora2.devtools.tiny_models import FAMILIES
+    from comfyui_lora2.devtools.tiny_nodes import CAPTURED, put_object
 
     adapter = random_adapter(FAMILIES["sd15"].model(0).model.diffusion_model, "sd15")
     key = put_object("heat-file", adapter)
@@ -80,8 +81,8 @@ def test_heatmap_history_panel_and_any_lora_file(comfy_host: ComfyHost) -> None:
 
 
 def test_prune_to_a_budget_in_the_graph(comfy_host: ComfyHost) -> None:
-    from support.tiny_models import FAMILIES
-    from support.tiny_nodes import CAPTURED, put_object
+    from comfyui_lora2.devtools.tiny_models import FAMILIES
+    from comfyui_lora2.devtools.tiny_nodes import CAPTURED, put_object
 
     adapter = random_adapter(FAMILIES["sd15"].model(0).model.diffusion_model, "sd15")
     budget = adapter.num_parameters() // 3
@@ -129,8 +130,7 @@ POLICY_VALUES = {"importance mass": 0.9, "singular-value energy": 0.9, "budget (
 
 @pytest.mark.parametrize("policy", list(POLICY_VALUES))
 def test_every_prune_policy_runs_the_pruning_it_names(comfy_host: ComfyHost, policy: str) -> None:
-    from support.tiny_nodes import CAPTURED, put_object
-
+    from comfyui_lora2.devtools.tiny_nodes import CAPTURED, put_object
     from comfyui_lora2.lora2.prune import prune_by_energy, prune_by_mass, prune_to_budget
 
     adapter = _ranked_adapter()

@@ -1,6 +1,6 @@
 """Training in ComfyUI's graph, in-process: Dataset -> Train -> Apply -> KSampler on tiny seeded models.
 
-Objects cross the graph boundary through the test-only nodes of ``support.tiny_nodes``; the pack's
+Objects cross the graph boundary through the test-only nodes of ``devtools.tiny_nodes``; the pack's
 node classes come from ComfyUI's own registry (ComfyUI imports the pack under a path-derived name).
 """
 
@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from support.comfy_host import ComfyHost, run_prompt
-from support.layout import MISSING_HOST_REASON, host_available
-from support.prompts import ksampler, lora2_dataset, lora2_train
+
+from comfyui_lora2.devtools.comfy_host import ComfyHost, run_prompt
+from comfyui_lora2.devtools.layout import MISSING_HOST_REASON, host_available
+from comfyui_lora2.devtools.prompts import ksampler, lora2_dataset, lora2_train
 
 pytest_plugins = ["support.fixtures"]
 pytestmark = pytest.mark.skipif(not host_available(), reason=MISSING_HOST_REASON)
@@ -83,7 +84,7 @@ def test_pack_registers_its_nodes(comfy_host: ComfyHost) -> None:
 
 
 def test_fixed_rank_mode_trains_plain_lora_through_the_same_node(comfy_host: ComfyHost, subject: Path) -> None:
-    from support.tiny_nodes import CAPTURED
+    from comfyui_lora2.devtools.tiny_nodes import CAPTURED
 
     run_prompt(training_prompt("sd15", steps=12, mode="fixed rank", init_rank=6)).raise_for_failure()
     history, adapter = CAPTURED["history-sd15"], CAPTURED["adapter-sd15"]
@@ -93,7 +94,7 @@ def test_fixed_rank_mode_trains_plain_lora_through_the_same_node(comfy_host: Com
 
 
 def test_sd15_dataset_train_apply_sample(comfy_host: ComfyHost, subject: Path) -> None:
-    from support.tiny_nodes import CAPTURED
+    from comfyui_lora2.devtools.tiny_nodes import CAPTURED
 
     result = run_prompt(training_prompt("sd15", steps=20)).raise_for_failure()
     history = CAPTURED["history-sd15"]
@@ -116,8 +117,8 @@ def test_sd15_dataset_train_apply_sample(comfy_host: ComfyHost, subject: Path) -
 
 
 def test_second_run_hits_the_latent_cache(comfy_host: ComfyHost, subject: Path) -> None:
-    from support.tiny_models import tiny_vae
-    from support.tiny_nodes import CAPTURED, put_object
+    from comfyui_lora2.devtools.tiny_models import tiny_vae
+    from comfyui_lora2.devtools.tiny_nodes import CAPTURED, put_object
 
     vae = tiny_vae(4, seed=7)  # weights no earlier test encoded with
     calls = []
@@ -158,7 +159,8 @@ def _interrupt_at(step: int):
 def test_cancel_saves_a_valid_adapter_and_resume_continues(comfy_host: ComfyHost, subject: Path) -> None:
     import comfy.model_management
     import comfy.utils
-    from support.tiny_nodes import CAPTURED
+
+    from comfyui_lora2.devtools.tiny_nodes import CAPTURED
 
     lora_file = comfy_host.pack_module().lora2.lora_file
     prompt = training_prompt("sd15", steps=30, checkpoint_name="lora2/cancelled")
@@ -199,7 +201,7 @@ def test_cancel_saves_a_valid_adapter_and_resume_continues(comfy_host: ComfyHost
 
 @pytest.mark.parametrize("family", ["sdxl", "flux"])
 def test_other_families_train_and_sample(comfy_host: ComfyHost, subject: Path, family: str) -> None:
-    from support.tiny_nodes import CAPTURED
+    from comfyui_lora2.devtools.tiny_nodes import CAPTURED
 
     run_prompt(training_prompt(family, steps=4)).raise_for_failure()
     adapter = CAPTURED[f"adapter-{family}"]

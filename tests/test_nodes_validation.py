@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from support.comfy_host import ComfyHost
-from support.layout import MISSING_HOST_REASON, host_available
+
+from comfyui_lora2.devtools.comfy_host import ComfyHost
+from comfyui_lora2.devtools.layout import MISSING_HOST_REASON, host_available
 
 pytest_plugins = ["support.fixtures"]
 pytestmark = pytest.mark.skipif(not host_available(), reason=MISSING_HOST_REASON)
@@ -44,7 +45,7 @@ def _plan(pack, vae, conditioning, **settings):
 
 def test_sampler_draws_the_attached_adapter_as_apply_would(comfy_host: ComfyHost) -> None:
     """Sampling the MODEL while the adapter hooks are attached = sampling it with the folded adapter applied."""
-    from support.tiny_models import sd15_conditioning, tiny_sd15_model, tiny_vae
+    from comfyui_lora2.devtools.tiny_models import sd15_conditioning, tiny_sd15_model, tiny_vae
 
     pack = comfy_host.pack_module()
     sampling = pack.nodes.comfy.sampling
@@ -73,7 +74,7 @@ def test_sampler_draws_the_attached_adapter_as_apply_would(comfy_host: ComfyHost
 
 
 def test_sampler_without_vae_draws_the_latent_preview(comfy_host: ComfyHost) -> None:
-    from support.tiny_models import sd15_conditioning, tiny_sd15_model
+    from comfyui_lora2.devtools.tiny_models import sd15_conditioning, tiny_sd15_model
 
     pack = comfy_host.pack_module()
     plan = _plan(pack, None, sd15_conditioning(seed=1), width=96, height=64)
@@ -83,7 +84,7 @@ def test_sampler_without_vae_draws_the_latent_preview(comfy_host: ComfyHost) -> 
 
 
 def test_conditioning_splits_into_one_prompt_per_row(comfy_host: ComfyHost) -> None:
-    from support.tiny_models import sdxl_conditioning
+    from comfyui_lora2.devtools.tiny_models import sdxl_conditioning
 
     split = comfy_host.pack_module().nodes.comfy.sampling.split_conditioning
     parts = split(sdxl_conditioning(seed=0, batch=3))
@@ -112,7 +113,7 @@ def subject(comfy_host: ComfyHost) -> str:
 
 
 def _graph(subject: str, validation: bool, steps: int = 10) -> dict:
-    from support.prompts import lora2_dataset, lora2_train
+    from comfyui_lora2.devtools.prompts import lora2_dataset, lora2_train
 
     prompt = {
         "model": {"class_type": "TestTinyModel", "inputs": {"family": "sd15", "seed": 0}},
@@ -153,8 +154,9 @@ def test_train_samples_grids_shows_them_and_leaves_the_adapter_bit_identical(
     comfy_host: ComfyHost, subject: str
 ) -> None:
     from PIL import Image
-    from support.comfy_host import run_prompt
-    from support.tiny_nodes import CAPTURED
+
+    from comfyui_lora2.devtools.comfy_host import run_prompt
+    from comfyui_lora2.devtools.tiny_nodes import CAPTURED
 
     run_prompt(_graph(subject, validation=False)).raise_for_failure()  # builds and caches model, VAE, dataset
     torch.manual_seed(7)
@@ -193,8 +195,8 @@ def test_train_samples_grids_shows_them_and_leaves_the_adapter_bit_identical(
 
 
 def test_sample_prompts_draws_each_prompt_with_the_trained_model(comfy_host: ComfyHost, subject: str) -> None:
-    from support.comfy_host import run_prompt
-    from support.tiny_nodes import CAPTURED
+    from comfyui_lora2.devtools.comfy_host import run_prompt
+    from comfyui_lora2.devtools.tiny_nodes import CAPTURED
 
     prompt = _graph(subject, validation=True, steps=2)
     prompt["train"]["inputs"].pop("validation")

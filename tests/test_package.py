@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from comfyui_lora2.devtools.import_rules import host_imports
+
 
 def test_root_imports_without_comfyui() -> None:
     code = (
@@ -16,33 +18,6 @@ def test_root_imports_without_comfyui() -> None:
         "assert 'nodes' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
-
-
-HOST_MODULES = {
-    "comfy",
-    "comfy_api",
-    "comfy_extras",
-    "comfy_execution",
-    "folder_paths",
-    "latent_preview",
-    "node_helpers",
-    "nodes",
-    "server",
-    "execution",
-    "app",
-}
-"""ComfyUI's top-level modules (``nodes`` here is ComfyUI's, never ours: ours is imported relatively)."""
-
-
-def host_imports(path: Path) -> set[str]:
-    """The ComfyUI modules ``path`` imports (absolute imports only; relative ones are the pack's own)."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            found.add((node.module or "").split(".")[0])
-    return found & HOST_MODULES
 
 
 def test_core_never_imports_comfyui() -> None:

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from support.comfy_server import ComfyServer
-from support.layout import MISSING_HOST_REASON, host_available
-from support.prompts import ksampler, lora2_dataset, lora2_train
+
+from comfyui_lora2.devtools.comfy_server import ComfyServer
+from comfyui_lora2.devtools.layout import MISSING_HOST_REASON, host_available
+from comfyui_lora2.devtools.prompts import ksampler, lora2_dataset, lora2_train
 
 pytest_plugins = ["support.fixtures"]
 pytestmark = pytest.mark.skipif(not host_available(), reason=MISSING_HOST_REASON)
@@ -30,7 +31,7 @@ def write_subject(folder: Path) -> None:
 
 def test_training_graph_runs_on_the_real_server(comfy_server: ComfyServer, comfy_host) -> None:
     # comfy_host: the in-process host makes ComfyUI importable here, to write the tiny model files
-    from support.tiny_models import write_tiny_taesd, write_tiny_unet
+    from comfyui_lora2.devtools.tiny_models import write_tiny_taesd, write_tiny_unet
 
     base = comfy_server.base_dir
     write_tiny_unet(base / "models" / "diffusion_models" / "tiny_sd20.safetensors", "sd20")

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from support.comfy_host import ComfyHost, run_prompt
-from support.layout import MISSING_HOST_REASON, host_available
-from support.prompts import lora2_dataset, lora2_train
+
+from comfyui_lora2.devtools.comfy_host import ComfyHost, run_prompt
+from comfyui_lora2.devtools.layout import MISSING_HOST_REASON, host_available
+from comfyui_lora2.devtools.prompts import lora2_dataset, lora2_train
 
 pytest_plugins = ["support.fixtures"]
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not host_available(), reason=MISSING_HOST_REASON)]

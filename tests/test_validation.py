@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_train import RULE, Batch, data, denoiser_for, tiny_unet
 
+from comfyui_lora2.devtools.tiny_unet import RULE, Batch, data, denoiser_for, tiny_unet
 from comfyui_lora2.lora2 import LoRA2Config, LoRA2Error
 from comfyui_lora2.lora2.heatmap_charts import VALIDATION_MARK, render_history
 from comfyui_lora2.lora2.run import RunHooks, TrainingTarget, train_run

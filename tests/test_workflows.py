@@ -1,11 +1,11 @@
-"""The example workflows (``workflows/*.json``) against the real ComfyUI server and its validator.
+"""The example workflows (``example_workflows/*.json``) against the real ComfyUI server and its validator.
 
-The UI files are what ComfyUI's frontend wrote (``scripts/build_workflows.py`` builds them in the real
+The UI files are what ComfyUI's frontend wrote (``devtools/build_workflows.py`` builds them in the real
 web UI); these checks make sure they still fit the node definitions the server publishes: every node
 type exists, every link joins an output and an input of the same type, every widget list has the
-length the frontend expects, the API-format twins in ``tests/workflows/`` are the same graphs and pass
+length the frontend expects, the API-format twins in ``example_workflows/api/`` are the same graphs and pass
 ComfyUI's own ``validate_prompt``, and the template browser lists each workflow with its thumbnail.
-When a node's inputs change, these fail: rebuild with ``.venv/bin/python scripts/build_workflows.py``.
+When a node's inputs change, these fail: rebuild with ``.venv/bin/python -m comfyui_lora2.devtools.build_workflows``.
 """
 
 from __future__ import annotations
@@ -20,14 +20,15 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from support.comfy_server import ComfyServer
-from support.layout import MISSING_HOST_REASON, PACK_LINK_NAME, host_available
+
+from comfyui_lora2.devtools.comfy_server import ComfyServer
+from comfyui_lora2.devtools.layout import MISSING_HOST_REASON, PACK_LINK_NAME, host_available
 
 pytest_plugins = ["support.fixtures"]
 
 REPO = Path(__file__).resolve().parents[1]
-UI_DIR = REPO / "workflows"
-API_DIR = REPO / "tests" / "workflows"
+UI_DIR = REPO / "example_workflows"
+API_DIR = REPO / "example_workflows" / "api"
 NAMES = ("lora2_train_and_inspect", "lora2_inspect_any_lora", "lora2_apply")
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -218,7 +219,7 @@ def test_widget_values_fit_the_node_definitions(name: str, object_info: dict[str
         expected = expected_widget_count(object_info, node["type"])
         assert len(values) == expected, (
             f"{name}: {node.get('title')} ({node['type']}) has {len(values)} widget values, the server's definition "
-            f"gives {expected}; rebuild with scripts/build_workflows.py"
+            f"gives {expected}; rebuild with devtools/build_workflows.py"
         )
 
 

@@ -18,7 +18,7 @@ import {
   parseArgs,
   prepareForScreenshot,
   setWidgets,
-} from './comfy_ui.mjs';
+} from '../../devtools/browser/comfy_ui.mjs';
 
 const PACK = 'ComfyUI-LoRA2';
 const WORKFLOW = 'lora2_train_and_inspect';
@@ -28,7 +28,7 @@ const args = parseArgs(process.argv.slice(2));
 const url = args.url || 'http://127.0.0.1:8188';
 const screenshot = path.resolve(args.screenshot || 'test-artifacts/browser_train_and_inspect.png');
 const runTimeout = Number(args['run-timeout'] || 120) * 1000;
-const tiny = JSON.parse(fs.readFileSync(new URL('./tiny_run.json', import.meta.url), 'utf8'));
+const tiny = JSON.parse(fs.readFileSync(new URL('../../devtools/browser/tiny_run.json', import.meta.url), 'utf8'));
 const timings = {};
 const started = performance.now();
 const mark = (name) => {

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from .comfy_host import ComfyHost, boot, register_test_nodes
-from .comfy_server import ComfyServer, running_server
-from .layout import MISSING_HOST_REASON, host_available, make_base
+from comfyui_lora2.devtools.comfy_host import ComfyHost, boot, register_test_nodes
+from comfyui_lora2.devtools.comfy_server import ComfyServer, running_server
+from comfyui_lora2.devtools.layout import MISSING_HOST_REASON, host_available, make_base
 
 
 def _require_host() -> None:
@@ -33,7 +33,7 @@ def comfy_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def comfy_host(comfy_base: Path) -> ComfyHost:
     """ComfyUI booted in this process with our pack and the test-only nodes of ``tiny_nodes``."""
     host = boot(comfy_base)
-    from .tiny_nodes import TEST_NODES  # imports ComfyUI: only after boot
+    from comfyui_lora2.devtools.tiny_nodes import TEST_NODES  # imports ComfyUI: only after boot
 
     register_test_nodes(TEST_NODES)
     return host

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 COMFY_DIR = REPO_ROOT / ".host" / "ComfyUI"
 STUBS_DIR = Path(__file__).resolve().parent / "stubs"
 PACK_LINK_NAME = "ComfyUI-LoRA2"

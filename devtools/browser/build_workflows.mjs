@@ -1,13 +1,13 @@
 // Builds the pack's example workflows in ComfyUI's real web UI and saves what the frontend writes.
 //
-//   node tests/browser/build_workflows.mjs --url http://127.0.0.1:8188 --root <repo> [--only a,b]
+//   node devtools/browser/build_workflows.mjs --url http://127.0.0.1:8188 --root <repo> [--only a,b]
 //
 // For each spec in workflow_specs.mjs: a fresh graph is built with the frontend's own APIs
 // (LiteGraph.createNode, app.graph.add, widgets by name, node.connect by slot), then
-//   <root>/workflows/<name>.json        app.graph.serialize()            (UI format: the template)
-//   <root>/tests/workflows/<name>.json  app.graphToPrompt().output       (API format twin)
-//   <root>/workflows/<name>.jpg         the whole graph fitted to 1280x720 (template thumbnail)
-// Normally run by scripts/build_workflows.py, which prepares a server whose model lists hold the
+//   <root>/example_workflows/<name>.json        app.graph.serialize()            (UI format: the template)
+//   <root>/example_workflows/api/<name>.json  app.graphToPrompt().output       (API format twin)
+//   <root>/example_workflows/<name>.jpg         the whole graph fitted to 1280x720 (template thumbnail)
+// Normally run by devtools/build_workflows.py, which prepares a server whose model lists hold the
 // files the workflows name.
 
 import { createHash } from 'node:crypto';
@@ -63,9 +63,9 @@ try {
     workflow.extra = { ...(workflow.extra || {}), ds };
     // A cleared graph serializes with the all-zero id; give each example its own, stable across rebuilds.
     workflow.id = stableUuid(`comfyui-lora2/${spec.name}`);
-    writeJson(path.join(root, 'workflows', `${spec.name}.json`), workflow);
-    writeJson(path.join(root, 'tests', 'workflows', `${spec.name}.json`), api);
-    const jpg = path.join(root, 'workflows', `${spec.name}.jpg`);
+    writeJson(path.join(root, 'example_workflows', `${spec.name}.json`), workflow);
+    writeJson(path.join(root, 'example_workflows', 'api', `${spec.name}.json`), api);
+    const jpg = path.join(root, 'example_workflows', `${spec.name}.jpg`);
     await page.screenshot({ path: jpg, type: 'jpeg', quality: 80 });
     log(`${spec.name}: ${workflow.nodes.length} nodes (${types.size} types), ${workflow.links.length} links,`,
       `${workflow.groups.length} groups, bounds ${summary.bounds.map(Math.round)} -> ${jpg}`);

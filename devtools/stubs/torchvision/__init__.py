@@ -3,7 +3,7 @@
 PyPI's torchvision wheels link CUDA builds of torch and fail on import beside the pinned CPU torch
 (``operator torchvision::nms does not exist``). ComfyUI 0.3.75 imports torchvision at module level only
 for model families our tests never build (Stable Cascade, Cosmos, ACE audio), so importing must work
-while any real use fails with a clear NotImplementedError. Tests put ``tests/support/stubs`` on the
+while any real use fails with a clear NotImplementedError. Tests put ``devtools/stubs`` on the
 path; it is never installed.
 """
 

@@ -7,18 +7,18 @@ encoder architecture (123 M parameters; its size is fixed by ComfyUI's SD1 CLIP 
 autoencoder (1.2 M parameters) in place of the 83 M-parameter KL VAE. The weights are random: images
 sampled from it are noise. It is generated at run time, never committed.
 
-Run inside ComfyUI's environment: ``PYTHONPATH=<ComfyUI>:<torchvision stub> python demo/tiny_checkpoint.py OUT``.
+Run inside ComfyUI's environment: ``PYTHONPATH=<ComfyUI>:<torchvision stub> python devtools/tiny_checkpoint.py OUT``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
 from comfy.cli_args import args
 
 args.cpu = True  # before comfy.model_management is imported: this writes a file, it needs no device
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # shared tiny-model shapes
 
 import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel  # noqa: E402
 import comfy.ops  # noqa: E402
@@ -26,7 +26,24 @@ import comfy.sd1_clip  # noqa: E402
 import comfy.taesd.taesd  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from support.tiny_models import REAL_WIDTH_FAMILIES, REAL_WIDTH_ONE_LEVEL, fill_seeded_  # noqa: E402
+
+
+def _tiny_models():
+    """``tiny_models.py`` beside this file, loaded by path: importing ``comfyui_lora2.devtools`` would import
+    the pack's ``__init__``, which registers the nodes whenever ComfyUI is importable (it is, here)."""
+    spec = importlib.util.spec_from_file_location("_lora2_tiny_models", Path(__file__).with_name("tiny_models.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+_shapes = _tiny_models()
+REAL_WIDTH_FAMILIES, REAL_WIDTH_ONE_LEVEL, fill_seeded_ = (
+    _shapes.REAL_WIDTH_FAMILIES,
+    _shapes.REAL_WIDTH_ONE_LEVEL,
+    _shapes.fill_seeded_,
+)
 
 UNET_CONFIG = {**REAL_WIDTH_ONE_LEVEL, **REAL_WIDTH_FAMILIES["sd15"]}
 """One level at SD1.x widths: the smallest UNet ComfyUI's detection accepts as SD1.5 (25.8 M parameters)."""

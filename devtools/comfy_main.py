@@ -1,7 +1,7 @@
 """Run ComfyUI's ``main.py`` (cwd = the ComfyUI tree) with the torchvision stub visible only at start-up.
 
-Usage: ``cd .host/ComfyUI && python <repo>/tests/support/comfy_main.py --cpu --listen ... ``; every
-argument goes to ``main.py`` unchanged. Equivalent to ``PYTHONPATH=tests/support/stubs python main.py``
+Usage: ``cd .host/ComfyUI && python <repo>/devtools/comfy_main.py --cpu --listen ... ``; every
+argument goes to ``main.py`` unchanged. Equivalent to ``PYTHONPATH=devtools/stubs python main.py``
 except that once ``nodes.init_extra_nodes`` (stock extras and custom nodes) has finished, the stub is
 removed again (``layout.hide_torchvision_stub``): otherwise ``transformers`` believes torchvision is
 installed and its image processors fail to import inside a running prompt.

@@ -2,29 +2,29 @@
 
 Writes, for each of ``lora2_train_and_inspect``, ``lora2_inspect_any_lora`` and ``lora2_apply``:
 
-- ``workflows/<name>.json``: the UI-format workflow, exactly what the frontend's ``app.graph.serialize()``
+- ``example_workflows/<name>.json``: the UI-format workflow, exactly what the frontend's ``app.graph.serialize()``
   writes (shown by ComfyUI's template browser under the pack's folder name);
-- ``workflows/<name>.jpg``: the whole graph fitted to 1280x720, the template browser's thumbnail;
-- ``tests/workflows/<name>.json``: the API-format twin from ``app.graphToPrompt()``, for the tests.
+- ``example_workflows/<name>.jpg``: the whole graph fitted to 1280x720, the template browser's thumbnail;
+- ``example_workflows/api/<name>.json``: the API-format twin from ``app.graphToPrompt()``, for the tests.
 
-Nothing is hand-written: ``tests/browser/build_workflows.mjs`` builds every graph from the specs in
-``tests/browser/workflow_specs.mjs`` through the frontend's own APIs (``LiteGraph.createNode``,
+Nothing is hand-written: ``devtools/browser/build_workflows.mjs`` builds every graph from the specs in
+``devtools/browser/workflow_specs.mjs`` through the frontend's own APIs (``LiteGraph.createNode``,
 ``app.graph.add``, widgets by name, ``node.connect`` by slot name) in Debian's chromium.
 
 Regenerate (needs ``make host``, Node 20, ``/usr/bin/chromium`` and ``make browser`` for playwright-core;
 about a minute on two cores)::
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/build_workflows.py
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/build_workflows.py --keep /tmp/lora2-build   # keep the base
+    OMP_NUM_THREADS=1 .venv/bin/python -m comfyui_lora2.devtools.build_workflows
+    OMP_NUM_THREADS=1 .venv/bin/python -m comfyui_lora2.devtools.build_workflows --keep /tmp/lora2-build  # keeps it
 
 What it does, in a temporary ComfyUI base directory (never in the repository):
 
-1. writes the tiny seeded SD1.5-shaped checkpoint (``demo/tiny_checkpoint.py``, ~300 MB) as
+1. writes the tiny seeded SD1.5-shaped checkpoint (``devtools/tiny_checkpoint.py``, ~300 MB) as
    ``models/checkpoints/lora2_tiny_sd15.safetensors`` and links ``v1-5-pruned-emaonly.safetensors`` to
    it, so the checkpoint list holds the name the workflows use; a generated subject goes to
-   ``input/lora2_subject`` (``demo/subject.py``);
-2. starts the real server (``tests/support/comfy_server.running_server``) and builds workflow 1;
-3. runs workflow 1's API twin with the tiny overrides of ``tests/browser/tiny_run.json``: it trains for a
+   ``input/lora2_subject`` (``devtools/subject.py``);
+2. starts the real server (``devtools.comfy_server.running_server``) and builds workflow 1;
+3. runs workflow 1's API twin with the tiny overrides of ``devtools/browser/tiny_run.json``: it trains for a
    few steps and saves ``models/loras/lora2/my_subject.safetensors``, the file workflows 2 and 3 load;
 4. builds workflows 2 and 3 (the UI reloads, so their LoRA lists hold that file), then stops the server.
 """
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import os
 import shutil
@@ -43,13 +42,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from comfyui_lora2.devtools.comfy_server import running_server
+from comfyui_lora2.devtools.layout import COMFY_DIR, STUBS_DIR, make_base
+from comfyui_lora2.devtools.subject import write_subject
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the test harness package `support` (never the repo root)
 
-from support.comfy_server import running_server  # noqa: E402
-from support.layout import COMFY_DIR, STUBS_DIR, make_base  # noqa: E402
-
-BROWSER_DIR = REPO / "tests" / "browser"
+BROWSER_DIR = REPO / "devtools" / "browser"
 TINY_RUN = BROWSER_DIR / "tiny_run.json"
 FIRST = "lora2_train_and_inspect"
 REST = ("lora2_inspect_any_lora", "lora2_apply")
@@ -79,25 +78,19 @@ def apply_overrides(api_prompt: dict, overrides: dict[str, dict]) -> dict:
     return prompt
 
 
-def write_subject(folder: Path, count: int, size: int) -> None:
-    """``demo/subject.py``'s generated toy, imported by path (the repo root never goes on sys.path)."""
-    spec = importlib.util.spec_from_file_location("lora2_demo_subject", REPO / "demo" / "subject.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.write_subject(folder, count=count, size=size)
-
-
 def prepare_base(base: Path, tiny: dict) -> Path:
     base = make_base(base)
     checkpoint = base / "models" / "checkpoints" / tiny["checkpoint"]
     log(f"writing the tiny checkpoint to {checkpoint}")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{COMFY_DIR}{os.pathsep}{STUBS_DIR}")
-    subprocess.run([sys.executable, str(REPO / "demo" / "tiny_checkpoint.py"), str(checkpoint)], check=True, env=env)
+    subprocess.run(
+        [sys.executable, str(REPO / "devtools" / "tiny_checkpoint.py"), str(checkpoint)], check=True, env=env
+    )
     alias = checkpoint.with_name(WORKFLOW_CHECKPOINT)
     if not alias.exists():
         alias.symlink_to(checkpoint.name)
     subject = tiny["subject"]
-    write_subject(base / "input" / subject["folder"], subject["count"], subject["size"])
+    write_subject(base / "input" / subject["folder"], count=subject["count"], size=subject["size"])
     # A returning user: the frontend's first-start template browser would only be in the way.
     settings = base / "user" / "default" / "comfy.settings.json"
     settings.parent.mkdir(parents=True, exist_ok=True)
@@ -112,25 +105,27 @@ def run_builder(url: str, names: list[str]) -> None:
 
 def build(base: Path) -> None:
     if not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir():
-        raise SystemExit("tests/browser/node_modules is missing: run `make browser` (npm ci --prefix tests/browser)")
+        raise SystemExit(
+            "devtools/browser/node_modules is missing: run `make browser` (npm ci --prefix devtools/browser)"
+        )
     tiny = load_tiny_run()
     started = time.monotonic()
     base = prepare_base(base, tiny)
     with running_server(base) as server:
         log(f"server at {server.url} (base {base})")
         run_builder(server.url, [FIRST])
-        twin = json.loads((REPO / "tests" / "workflows" / f"{FIRST}.json").read_text())
+        twin = json.loads((REPO / "example_workflows" / "api" / f"{FIRST}.json").read_text())
         log("training the subject LoRA through workflow 1's API twin (tiny overrides)")
         server.run(apply_overrides(twin, tiny["overrides"]), timeout=600)
         lora = base / "models" / "loras" / SUBJECT_LORA
         if not lora.is_file():
             raise RuntimeError(f"workflow 1 did not write {lora}")
         run_builder(server.url, list(REST))
-    gitkeep = REPO / "workflows" / ".gitkeep"
+    gitkeep = REPO / "example_workflows" / ".gitkeep"
     if gitkeep.exists():
         gitkeep.unlink()
     for name in (FIRST, *REST):
-        jpg = REPO / "workflows" / f"{name}.jpg"
+        jpg = REPO / "example_workflows" / f"{name}.jpg"
         log(f"{name}: {jpg.stat().st_size / 1024:.0f} KB thumbnail")
     log(f"done in {time.monotonic() - started:.0f} s")
 

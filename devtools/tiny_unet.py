@@ -1,0 +1,60 @@
+"""A seeded tiny diffusers UNet and its toy data: the plain-Python (no ComfyUI) training harness.
+
+Why here: the core's training loop, resume and validation are tested from plain Python on the same
+two-level SD1.5-shaped UNet (16/32 channels, cross-attention width 16) and the same four-latent toy data
+set, so every test sees the same model and batches for the same seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+
+from ..lora2.noise import DDPMRule
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor
+    conditioning: dict[str, torch.Tensor]
+
+
+def tiny_unet() -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    return unet.requires_grad_(False)
+
+
+def data(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(4, 4, 8, 8, generator=generator)
+    conditioning = torch.randn(4, 5, 16, generator=generator)
+
+    def batches():
+        index = 0
+        while True:
+            pick = [index % 4, (index + 1) % 4]
+            index += 2
+            yield Batch(latents[pick], {"cross_attn": conditioning[pick]})
+
+    return latents, conditioning, batches
+
+
+def denoiser_for(unet: UNet2DConditionModel):
+    return lambda x, t, cond: unet(x, t, encoder_hidden_states=cond["cross_attn"]).sample
+
+
+RULE = DDPMRule(DDPMScheduler(num_train_timesteps=1000).alphas_cumprod)
