@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import tomllib
-from test_package import host_imports
 
 from comfyui_lora2.cli import main
 from comfyui_lora2.cli.flags import GROUPS, RENAMES
@@ -24,6 +23,7 @@ from comfyui_lora2.cli.sweep import SweepConfig
 from comfyui_lora2.cli.sweep import parse as parse_sweep
 from comfyui_lora2.cli.sweep_plan import Subject, method_config, parse_subject, plan, shard
 from comfyui_lora2.cli.train_main import parse
+from comfyui_lora2.devtools.import_rules import host_imports
 from comfyui_lora2.lora2 import LoRA2Config, LoRA2Error
 from comfyui_lora2.lora2.dataset_spec import DatasetSpec
 from comfyui_lora2.lora2.train import TrainConfig
