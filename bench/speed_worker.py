@@ -1,11 +1,12 @@
 """One configuration of the speed benchmark, measured in a process of its own.
 
-``python -m comfyui_lora2.bench.speed_worker '<json>'`` boots ComfyUI in-process (HOST.md §3: the tree
-on ``sys.path``, ``utils.install_util`` before anything else, ``args.cpu`` before ``model_management``),
-builds the model, and measures one of:
+``python -m comfyui_lora2.bench.speed_worker '<json>'`` boots ComfyUI in-process (as
+devtools/comfy_host.py does: the tree on ``sys.path``, ``utils.install_util`` before anything else,
+``args.cpu`` before ``model_management``), builds the model, and measures one of:
 
-* ``floor``: the bare frozen model's forward and backward (gradient w.r.t. the input only): the cost
-  no adapter method can go below, since every adapter needs the gradient flowing through the model.
+* ``floor``: the bare frozen model's forward and backward (gradient w.r.t. the input only): the
+  gradient every adapter needs flowing through the model (an adapter on later layers only, such as
+  ``attn``, skips the part of it before its first adapted layer, so it can come in below).
 * ``native``: ComfyUI's ``TrainLoraNode.execute``, called as the executor calls it.
 * ``lora2``: ``LoRA2Train.execute``, the node a user runs (adaptive or fixed rank).
 * ``apply_stock`` / ``apply_lora2``: loading a LoRA file onto the model and merging it (the stock
@@ -33,10 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-COMFY_DIR = REPO / ".host" / "ComfyUI"
-TORCHVISION_STUB = REPO / "devtools" / "stubs"
-"""The import-only torchvision the host needs beside the CPU torch (HOST.md §1); used only if none is installed."""
+from ..devtools.layout import COMFY_DIR
+from ..devtools.layout import STUBS_DIR as TORCHVISION_STUB  # used only when no torchvision is installed
 
 
 class StopBench(Exception):
@@ -52,7 +51,7 @@ def boot_host(device: str, comfy_dir: Path = COMFY_DIR, stub: Path = TORCHVISION
     sys.path.insert(0, str(comfy_dir))
     if importlib.util.find_spec("torchvision") is None:
         sys.path.insert(1, str(stub))
-    import utils.install_util  # noqa: F401  (before `comfy`: see HOST.md §3)
+    import utils.install_util  # noqa: F401  (before `comfy`: see devtools/comfy_host.py)
     from comfy.cli_args import args
 
     args.cpu = device == "cpu"
@@ -162,7 +161,7 @@ def _model(cfg: dict[str, Any]):
 def _inputs(cfg: dict[str, Any]):
     from .speed_models import conditioning, latents
 
-    images = 2  # TrainLoraNode 0.3.75 fails on a single latent dict (HOST.md §5)
+    images = 2  # TrainLoraNode 0.3.75 fails on a single latent dict
     return latents(cfg["model"], images, cfg["seed"], cfg.get("latent_side")), conditioning(
         cfg["model"], images, cfg["seed"]
     )

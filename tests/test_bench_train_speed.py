@@ -90,3 +90,39 @@ def test_table_precedes_the_json_line(quick_run) -> None:
     assert lines[0].startswith("| configuration |")
     for label in result["raw"]:
         assert any(line.startswith(f"| {label} |") for line in lines[:-1]), label
+
+
+def test_gpu_check_runs_its_bf16_checkpointed_path_on_cpu() -> None:
+    """The GPU script's own path (bf16 weights and compute, checkpointing, its table) on the tiny model."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "comfyui_lora2.bench.gpu_check",
+            "--device",
+            "cpu",
+            "--models",
+            "tiny",
+            "--ranks",
+            "4",
+            "--latent-side",
+            "8",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("device: CPU")
+    result = json.loads(lines[-1])
+    assert {entry["kind"] for entry in result["raw"].values()} == {"floor", "native", "lora2-attn", "lora2-all"}
+    assert all(entry["step_s"] > 0 and entry["peak_mb"] > 0 for entry in result["raw"].values())
+    assert math.isfinite(result["ratios"]["step_vs_native_all"])
+    for kind in ("native r4", "lora2-all r4", "floor"):
+        assert any(line.startswith(f"| tiny | {kind} |") for line in lines), kind
