@@ -1,7 +1,7 @@
 """In-process ComfyUI 0.3.75 for tests: boot once, run API-format prompts, capture what a client sees.
 
 Why in-process: the real server costs a subprocess and a websocket per test, and cannot take Python
-objects (tiny models built in the test). Booting follows HOST.md §3 step by step; the order matters:
+objects (tiny models built in the test). Booting goes step by step; the order matters:
 
 1. ``utils.install_util`` is imported before ``nodes``: ``nodes.py`` puts ``comfy/`` first on sys.path,
    and a later ``import utils`` would then find ``comfy/utils.py``.

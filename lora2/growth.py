@@ -8,7 +8,7 @@ existing position can follow is ``G⊥ = (I − P_B) G (I − P_A)``. If the *ex
 with a consistently non-zero component, the component needs another position, and the best first
 direction for it is ``E[G⊥]``'s top singular pair (GradMax, Evci et al., ICLR 2022).
 
-Why this and not ν's gradient (measured, METHOD.md §7): ∂L/∂ν is a sum over positions that already carry
+Why this and not ν's gradient (measured, see the README): ∂L/∂ν is a sum over positions that already carry
 a direction, so it is zero at the start (B = 0) and again at equilibrium; a rank prior then wins and
 every width falls. The top singular value of ``G⊥`` was 20-200× larger on under-ranked components than
 on fitted ones in every case measured: the signal is there, it just has to be read.

@@ -1,7 +1,7 @@
 """One LoRA² component: the factors of one adapted ``nn.Linear`` or ``nn.Conv2d`` and its ν.
 
 The update is applied in activation space, ``x → down → × alpha·p → up``, so the full ΔW is never
-built during training, and only the ``width`` active positions are computed. In METHOD.md's notation
+built during training, and only the ``width`` active positions are computed. In the paper's notation (arXiv 2603.21884)
 ``down`` is A (``width × in``) and ``up`` is B (``out × width``).
 
 Storage (``capacity`` positions) and the active ``width`` are separate on purpose: the width follows

@@ -106,7 +106,7 @@ def importance(lam: torch.Tensor, width: int) -> torch.Tensor:
     piecewise smooth and its minimum sits at a jump the gradient never sees. Inside one plateau the
     normaliser's derivative adds a force ``∝ D·(1−k)/k`` towards flatter weights, and plain gradient
     descent settles where that force balances, 1.5-2× wider than the cost-minimising width (the
-    overshoot METHOD.md measured). With the untruncated gradient the stationary point is the smooth
+    overshoot we measured). With the untruncated gradient the stationary point is the smooth
     minimum of ``Σ_{i<r} 1/π(i)`` (the weight-prior cost of r needed directions), ``λ·r ≈ 1.594``, which
     the quantile at k = 0.8 reads as ``D ≈ r + margin``.
     """

@@ -7,6 +7,7 @@ All read from the AST, so a file is judged without running it.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from comfyui_lora2.devtools.import_rules import absolute_imports, pack_imports
@@ -100,3 +101,20 @@ def test_the_runtime_never_imports_devtools() -> None:
         if bad:
             offenders[str(path.relative_to(REPO))] = sorted(bad)
     assert offenders == {}, f"the pack's runtime must not import devtools (it is dev tooling): {offenders}"
+
+
+def test_code_cites_only_documents_in_the_repository() -> None:
+    """A docstring that sends the reader to a Markdown document must name one this repository has."""
+    present = {
+        path.name for path in REPO.rglob("*.md") if "node_modules" not in path.parts and ".host" not in path.parts
+    }
+    files = [
+        path for path in _outside_tests() + list((REPO / "tests").rglob("*.py")) if "node_modules" not in path.parts
+    ]
+    offenders = {}
+    for path in files:
+        cited = set(re.findall(r"(?<![\w.])((?:[\w-]+/)*[A-Z][A-Z_]*\.md)\b", path.read_text()))
+        missing = sorted(name for name in cited if not ((REPO / name).is_file() if "/" in name else name in present))
+        if missing:
+            offenders[str(path.relative_to(REPO))] = missing
+    assert offenders == {}, f"code cites documents that are not in the repository: {offenders}"
