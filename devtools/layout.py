@@ -19,6 +19,33 @@ MODEL_FOLDERS = ("checkpoints", "diffusion_models", "loras", "vae", "text_encode
 BASE_FOLDERS = ("input", "output", "temp", "user")
 MISSING_HOST_REASON = f"ComfyUI host not installed at {COMFY_DIR} (run `make host` or `bash scripts/install_host.sh`)"
 
+NEWEST_COMFY_VERSION = "0.33.0"
+NEWEST_COMFY_CANDIDATES = (
+    *([Path(os.environ["LORA2_NEWEST_COMFY"])] if os.environ.get("LORA2_NEWEST_COMFY") else []),
+    REPO_ROOT.parent / "shared" / "hosts" / f"ComfyUI-{NEWEST_COMFY_VERSION}",
+    Path("/work/shared/hosts") / f"ComfyUI-{NEWEST_COMFY_VERSION}",
+)
+"""Where the newest ComfyUI tree may be: CI and the developers' machines carry it under ``shared/hosts``
+beside the checkout; users do not, so everything that needs it skips with ``MISSING_NEWEST_REASON``."""
+NEWEST_COMFY_DIR = next(
+    (path for path in NEWEST_COMFY_CANDIDATES if (path / "main.py").is_file()), NEWEST_COMFY_CANDIDATES[0]
+)
+MISSING_NEWEST_REASON = (
+    f"the newest ComfyUI tree ({NEWEST_COMFY_VERSION}) is not at {' or '.join(map(str, NEWEST_COMFY_CANDIDATES))}: "
+    "only CI and development machines carry ../shared/hosts (set LORA2_NEWEST_COMFY to point at one)"
+)
+
+
+def newest_host_available() -> bool:
+    """True when the newest ComfyUI tree is present (read-only: it is never installed into)."""
+    return (NEWEST_COMFY_DIR / "main.py").is_file() and (NEWEST_COMFY_DIR / "nodes.py").is_file()
+
+
+def comfy_version(comfy_dir: Path) -> str:
+    """The ``__version__`` a ComfyUI tree declares in ``comfyui_version.py``, read without importing it."""
+    text = (comfy_dir / "comfyui_version.py").read_text()
+    return text.split("__version__", 1)[1].split("=", 1)[1].strip().split()[0].strip("\"'")
+
 
 def host_available() -> bool:
     """True when the pinned ComfyUI tree is installed, so tests can skip with a reason otherwise."""
