@@ -1,6 +1,7 @@
 """Rebuild the pack's example workflows in ComfyUI's real web UI.
 
-Writes, for each of ``lora2_train_and_inspect``, ``lora2_inspect_any_lora`` and ``lora2_apply``:
+Writes, for each of ``lora2_train_and_inspect``, ``lora2_inspect_any_lora``, ``lora2_apply`` and
+``lora2_validate_and_evaluate``:
 
 - ``example_workflows/<name>.json``: the UI-format workflow, exactly what the frontend's ``app.graph.serialize()``
   writes (shown by ComfyUI's template browser under the pack's folder name);
@@ -26,7 +27,7 @@ What it does, in a temporary ComfyUI base directory (never in the repository):
 2. starts the real server (``devtools.comfy_server.running_server``) and builds workflow 1;
 3. runs workflow 1's API twin with the tiny overrides of ``devtools/browser/tiny_run.json``: it trains for a
    few steps and saves ``models/loras/lora2/my_subject.safetensors``, the file workflows 2 and 3 load;
-4. builds workflows 2 and 3 (the UI reloads, so their LoRA lists hold that file), then stops the server.
+4. builds workflows 2, 3 and 4 (the UI reloads, so their LoRA lists hold that file), then stops the server.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 BROWSER_DIR = REPO / "devtools" / "browser"
 TINY_RUN = BROWSER_DIR / "tiny_run.json"
 FIRST = "lora2_train_and_inspect"
-REST = ("lora2_inspect_any_lora", "lora2_apply")
+REST = ("lora2_inspect_any_lora", "lora2_apply", "lora2_validate_and_evaluate")
 WORKFLOW_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 SUBJECT_LORA = Path("lora2") / "my_subject.safetensors"
 

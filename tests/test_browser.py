@@ -3,7 +3,8 @@
 The browser half is ``tests/browser/browser_test.mjs``: it opens the template browser from the side
 bar, picks this pack under "Extensions", loads ``lora2_train_and_inspect`` by clicking its card,
 checks every node is registered (no missing-node dialog), sets the tiny-run overrides of
-``devtools/browser/tiny_run.json`` through the widgets, presses Run and waits for the "Rank heatmap"
+``devtools/browser/tiny_run.json`` through the widgets, presses Run, records the validation grids the
+"Train LoRA²" node shows while it trains (its progress preview) and waits for the "Rank heatmap"
 node to show its picture. This side prepares the server (tiny seeded checkpoint, generated subject)
 and checks what the server recorded. A screenshot goes to ``test-artifacts/`` (and ``$LORA2_ARTIFACTS``).
 
@@ -106,7 +107,8 @@ def test_template_browser_loads_and_runs_the_training_workflow(tmp_path: Path) -
         result = _result(done.stdout)
 
         # what the template browser showed and loaded
-        assert sorted(result["listed"]) == ["lora2_apply", "lora2_inspect_any_lora", WORKFLOW], report
+        listed = ["lora2_apply", "lora2_inspect_any_lora", WORKFLOW, "lora2_validate_and_evaluate"]
+        assert sorted(result["listed"]) == sorted(listed), report
         assert result["thumbnail"]["width"] == 1280 and result["thumbnail"]["height"] == 720, report
         loaded = result["loaded"]
         workflow = json.loads((REPO / "example_workflows" / f"{WORKFLOW}.json").read_text())
@@ -125,6 +127,17 @@ def test_template_browser_loads_and_runs_the_training_workflow(tmp_path: Path) -
         assert result["preview"]["images"] and result["preview"]["images"][0]["width"] == png.width
         assert result["preview"]["executed"][0]["images"][0]["filename"] == images[0]["filename"]
         assert (tmp_path / "base" / "models" / "loras" / "lora2" / "my_subject.safetensors").is_file()
+
+        # the validation samples: previews on the Train node while it trained, grids on disk, the last one kept
+        train = result["train"]
+        grids = tmp_path / "base" / "output" / "lora2" / "my_subject"
+        assert sorted(p.name for p in grids.glob("step_*.png")) == [f"step_{s:06d}.png" for s in (0, 3, 6)]
+        assert [p for p in train["previews"] if p["node"] == train["id"] and p["bytes"] > 0], report
+        shown_while_training = [i for i in train["images"] if not i["finished"] and i["src"].startswith("blob:")]
+        assert shown_while_training and shown_while_training[0]["width"] > 64, report
+        assert train["final"] and train["final"][0]["src"] == train["images"][-1]["src"], report  # the last grid stays
+        kept = history["outputs"][train["id"]]["images"][0]
+        assert (kept["filename"], kept["subfolder"], kept["type"]) == ("step_000006.png", "lora2/my_subject", "output")
         assert server.get_json("/workflow_templates")[PACK_LINK_NAME]
 
     assert screenshot.is_file() and Image.open(screenshot).size == (1280, 720)

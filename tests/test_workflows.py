@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +30,7 @@ pytest_plugins = ["support.fixtures"]
 REPO = Path(__file__).resolve().parents[1]
 UI_DIR = REPO / "example_workflows"
 API_DIR = REPO / "example_workflows" / "api"
-NAMES = ("lora2_train_and_inspect", "lora2_inspect_any_lora", "lora2_apply")
+NAMES = ("lora2_train_and_inspect", "lora2_inspect_any_lora", "lora2_apply", "lora2_validate_and_evaluate")
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 TITLE_HEIGHT = 30  # LiteGraph.NODE_TITLE_HEIGHT: a node's title bar sits above its pos
@@ -41,6 +42,7 @@ TITLES = {
     "lora2_train_and_inspect": {
         "Load Checkpoint": "CheckpointLoaderSimple",
         "Subject images": "LoRA2Dataset",
+        "Validation prompts": "LoRA2Validation",
         "Train LoRA²": "LoRA2Train",
         "Rank heatmap": "LoRA2Heatmap",
         "Prune": "LoRA2Prune",
@@ -72,8 +74,24 @@ TITLES = {
         "Negative": "CLIPTextEncode",
         "Empty latent": "EmptyLatentImage",
     },
+    "lora2_validate_and_evaluate": {
+        "Load Checkpoint": "CheckpointLoaderSimple",
+        "Subject images": "LoRA2Dataset",
+        "Validation prompts": "LoRA2Validation",
+        "Train LoRA²": "LoRA2Train",
+        "Rank heatmap": "LoRA2Heatmap",
+        "DreamBooth prompts (object)": "LoRA2Validation",
+        "Sample the DreamBooth prompts": "LoRA2SamplePrompts",
+        "Samples": "PreviewImage",
+        "Evaluate: DINO, CLIP-I, CLIP-T": "LoRA2Evaluate",
+        "Metrics table": "SaveImage",
+    },
 }
-GROUPS = {"lora2_train_and_inspect": {"1 Data", "2 Train", "3 Inspect & prune", "4 Compare"}}
+GROUPS = {
+    "lora2_train_and_inspect": {"1 Data", "2 Train", "3 Inspect & prune", "4 Compare"},
+    "lora2_validate_and_evaluate": {"1 Train, with validation samples", "2 Evaluate as DreamBooth does"},
+}
+DREAMBOOTH_PROMPTS = REPO.parent / "shared" / "data" / "dreambooth_256" / "prompts_and_classes.txt"
 
 pytestmark = pytest.mark.skipif(not host_available(), reason=MISSING_HOST_REASON)
 
@@ -260,6 +278,12 @@ def test_defaults_are_for_a_real_sd15_user() -> None:
     assert train[without["inputs"]["model"][0]]["class_type"] == "CheckpointLoaderSimple"
     assert train[with_adapter["inputs"]["model"][0]]["class_type"] == "LoRA2Train"
 
+    validation = by_title(train, "Validation prompts")["inputs"]
+    assert (validation["validate_every"], validation["width"], validation["steps"]) == (100, 512, 20)
+    assert by_title(train, "Train LoRA²")["inputs"]["validation"][0] == next(
+        i for i, n in train.items() if n["_meta"]["title"] == "Validation prompts"
+    )
+
     inspect = api_workflow("lora2_inspect_any_lora")
     assert by_title(inspect, "Load LoRA file")["inputs"]["lora_name"] == SUBJECT_LORA
     budget = by_title(inspect, "Prune to budget")["inputs"]
@@ -306,7 +330,7 @@ def test_api_twin_passes_comfyui_validation(name: str, comfy_host, model_files) 
     assert valid, f"{name}: {error}; {json.dumps(node_errors)[:3000]}"
     assert not node_errors
     output_nodes = {n["class_type"] for i, n in api_workflow(name).items() if i in set(outputs)}
-    assert output_nodes <= {"PreviewImage", "LoRA2Save", "LoRA2Heatmap"} and output_nodes
+    assert output_nodes <= {"PreviewImage", "SaveImage", "LoRA2Save", "LoRA2Heatmap", "LoRA2Evaluate"} and output_nodes
 
 
 # --- the template browser ------------------------------------------------------------------------
@@ -331,3 +355,30 @@ def test_thumbnail_is_a_real_jpeg(name: str) -> None:
     assert image.format == "JPEG" and image.size == (1280, 720)
     # not a blank canvas: a graph has many distinct colours
     assert len(image.convert("RGB").resize((160, 90)).getcolors(maxcolors=1 << 16) or []) > 500
+
+
+def dreambooth_prompt_lists(unique: str, object_class: str, live_class: str) -> tuple[list[str], list[str]]:
+    """The 25 object and 25 live-subject prompts of the DreamBooth dataset file, formatted as its code does."""
+    text = DREAMBOOTH_PROMPTS.read_text()
+    objects, live = text.split("Object Prompts")[1].split("Live Subject Prompts")
+    pattern = re.compile(r"'(a .*?)'\.format")
+    return (
+        [p.format(unique, object_class) for p in pattern.findall(objects)],
+        [p.format(unique, live_class) for p in pattern.findall(live)],
+    )
+
+
+def test_evaluation_workflow_samples_the_dreambooth_prompts() -> None:
+    api = api_workflow("lora2_validate_and_evaluate")
+    prompts = by_title(api, "DreamBooth prompts (object)")["inputs"]["prompts"].splitlines()
+    assert len(prompts) == 25 and all("sks toy" in p for p in prompts)
+    notes = {n.get("title"): n for n in ui_workflow("lora2_validate_and_evaluate")["nodes"] if n["type"] == "Note"}
+    live = notes["DreamBooth prompts (live subject)"]["widgets_values"][0].splitlines()
+    assert len(live) == 25 and all("sks dog" in p for p in live)
+    if DREAMBOOTH_PROMPTS.is_file():  # ../shared is there in CI, not on a user's machine
+        assert (prompts, live) == dreambooth_prompt_lists("sks", "toy", "dog")
+    sample, evaluate = by_title(api, "Sample the DreamBooth prompts"), by_title(api, "Evaluate: DINO, CLIP-I, CLIP-T")
+    assert api[sample["inputs"]["model"][0]]["class_type"] == "LoRA2Train"
+    assert evaluate["inputs"]["images"][0] == evaluate["inputs"]["prompts"][0]  # images and prompts, one node
+    assert api[evaluate["inputs"]["images"][0]] is sample
+    assert evaluate["inputs"]["real_folder"] == by_title(api, "Subject images")["inputs"]["folder"]

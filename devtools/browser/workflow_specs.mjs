@@ -1,4 +1,4 @@
-// The pack's three example workflows, as specs that build_workflows.mjs turns into real graphs in the UI.
+// The pack's four example workflows, as specs that build_workflows.mjs turns into real graphs in the UI.
 //
 // A spec names nodes (type, title, widget values by name, note text), links (by output and input slot
 // name, or by type where a node has one slot of that type), and a layout: bands (rows) of groups,
@@ -20,8 +20,72 @@ const checkpointLoader = () => ({
   widgets: { ckpt_name: CHECKPOINT },
   size: [300, 0],
 });
+// The DreamBooth evaluation prompts (Ruiz et al. 2023, dataset/prompts_and_classes.txt), written for the
+// subject token 'sks' and the class 'toy' (object prompts) or 'dog' (live-subject prompts).
+const DREAMBOOTH_OBJECT_PROMPTS = [
+  'a sks toy in the jungle',
+  'a sks toy in the snow',
+  'a sks toy on the beach',
+  'a sks toy on a cobblestone street',
+  'a sks toy on top of pink fabric',
+  'a sks toy on top of a wooden floor',
+  'a sks toy with a city in the background',
+  'a sks toy with a mountain in the background',
+  'a sks toy with a blue house in the background',
+  'a sks toy on top of a purple rug in a forest',
+  'a sks toy with a wheat field in the background',
+  'a sks toy with a tree and autumn leaves in the background',
+  'a sks toy with the Eiffel Tower in the background',
+  'a sks toy floating on top of water',
+  'a sks toy floating in an ocean of milk',
+  'a sks toy on top of green grass with sunflowers around it',
+  'a sks toy on top of a mirror',
+  'a sks toy on top of the sidewalk in a crowded street',
+  'a sks toy on top of a dirt road',
+  'a sks toy on top of a white rug',
+  'a red sks toy',
+  'a purple sks toy',
+  'a shiny sks toy',
+  'a wet sks toy',
+  'a cube shaped sks toy',
+];
+const DREAMBOOTH_LIVE_PROMPTS = [
+  'a sks dog in the jungle',
+  'a sks dog in the snow',
+  'a sks dog on the beach',
+  'a sks dog on a cobblestone street',
+  'a sks dog on top of pink fabric',
+  'a sks dog on top of a wooden floor',
+  'a sks dog with a city in the background',
+  'a sks dog with a mountain in the background',
+  'a sks dog with a blue house in the background',
+  'a sks dog on top of a purple rug in a forest',
+  'a sks dog wearing a red hat',
+  'a sks dog wearing a santa hat',
+  'a sks dog wearing a rainbow scarf',
+  'a sks dog wearing a black top hat and a monocle',
+  'a sks dog in a chef outfit',
+  'a sks dog in a firefighter outfit',
+  'a sks dog in a police outfit',
+  'a sks dog wearing pink glasses',
+  'a sks dog wearing a yellow shirt',
+  'a sks dog in a purple wizard outfit',
+  'a red sks dog',
+  'a purple sks dog',
+  'a shiny sks dog',
+  'a wet sks dog',
+  'a cube shaped sks dog',
+];
+const VALIDATION_PROMPTS = ['a photo of sks toy', 'a sks toy on the beach', 'a sks toy in the snow', 'a red sks toy'];
+
 const note = (title, text, height) => ({ type: 'Note', title, text, size: [NOTE_W, height] });
 const prompt = (title, text) => ({ type: 'CLIPTextEncode', title, widgets: { text }, size: [360, 120] });
+const validation = (title, prompts, runName, height) => ({
+  type: 'LoRA2Validation',
+  title,
+  widgets: { prompts: prompts.join('\n'), validate_every: 100, seed: SEED, steps: 20, width: 512, height: 512, cfg: 5.0, run_name: runName },
+  size: [360, height],
+});
 
 const trainAndInspect = {
   name: 'lora2_train_and_inspect',
@@ -59,9 +123,12 @@ const trainAndInspect = {
       'LoRA² starts every attention layer at rank 4 and lets each one grow or shrink while it trains. ' +
         '500 steps suit 5-30 photos. Loss, total rank and size show on the node and in the console.\n\n' +
         'Cancel stops after the current step and saves what was trained, with its training state, to ' +
-        'models/loras/lora2/checkpoint_stepN. To continue, pick that file in "resume" and queue again.',
-      220,
+        'models/loras/lora2/checkpoint_stepN. To continue, pick that file in "resume" and queue again.\n\n' +
+        'Validation prompts are sampled at step 0, every 100 steps and at the end: the grid shows on the Train ' +
+        'node and is saved to output/lora2/my_subject/step_NNNNNN.png. It does not change what is trained.',
+      290,
     ),
+    validation: validation('Validation prompts', VALIDATION_PROMPTS, 'my_subject', 0),
     train: { type: 'LoRA2Train', title: 'Train LoRA²' },
     note_inspect: note(
       'About: inspect and prune',
@@ -96,6 +163,9 @@ const trainAndInspect = {
     ['ckpt', 'CLIP', 'dataset', 'clip'],
     ['ckpt', 'MODEL', 'train', 'model'],
     ['dataset', 'LORA2_DATASET', 'train', 'dataset'],
+    ['ckpt', 'CLIP', 'validation', 'clip'],
+    ['ckpt', 'VAE', 'validation', 'vae'],
+    ['validation', 'LORA2_VALIDATION', 'train', 'validation'],
     ['train', 'LORA2_ADAPTER', 'heatmap', 'adapter'],
     ['train', 'LORA2_HISTORY', 'heatmap', 'history'],
     ['train', 'LORA2_ADAPTER', 'prune', 'adapter'],
@@ -123,7 +193,7 @@ const trainAndInspect = {
   layout: [
     [
       { group: '1 Data', columns: [['note_data', 'ckpt'], ['dataset']] },
-      { group: '2 Train', columns: [['note_train'], ['train']] },
+      { group: '2 Train', columns: [['note_train', 'validation'], ['train']] },
       { group: '3 Inspect & prune', columns: [['note_inspect', 'prune'], ['heatmap'], ['save', 'save_pruned']] },
     ],
     [
@@ -228,4 +298,86 @@ const apply = {
   ],
 };
 
-export const SPECS = [trainAndInspect, inspectAnyLora, apply];
+const validateAndEvaluate = {
+  name: 'lora2_validate_and_evaluate',
+  nodes: {
+    note_train: note(
+      'About: see it learn',
+      'Photos of your subject go in ComfyUI/input/lora2_subject. While LoRA² trains, the validation prompts are ' +
+        'sampled with the adapter as it is at step 0, every 100 steps and at the end; each grid shows on the ' +
+        'Train node and is saved to output/lora2/my_subject/step_NNNNNN.png with the step and total rank on it. ' +
+        'The red marks in the heatmap\'s history panel are those steps. Sampling does not change what is trained.',
+      230,
+    ),
+    ckpt: checkpointLoader(),
+    dataset: {
+      type: 'LoRA2Dataset',
+      title: 'Subject images',
+      widgets: { folder: 'lora2_subject', caption_template: 'a photo of {trigger}', trigger: 'sks toy', resolution: 512 },
+    },
+    validation: validation('Validation prompts', VALIDATION_PROMPTS, 'my_subject', 0),
+    train: { type: 'LoRA2Train', title: 'Train LoRA²' },
+    heatmap: { type: 'LoRA2Heatmap', title: 'Rank heatmap', size: [420, 400] },
+    note_eval: note(
+      'About: DreamBooth metrics',
+      'The trained model samples the 25 DreamBooth object prompts (for a live subject such as a dog or cat, ' +
+        'paste the 25 live-subject prompts from the note below instead, and change "toy" to your class). ' +
+        'LoRA² Evaluate scores them as the DreamBooth paper does: DINO and CLIP-I (similarity to your photos) ' +
+        'and CLIP-T (similarity to the prompt), raw cosines, per image and mean ± std.\n\n' +
+        'It needs the models in ComfyUI/models/lora2_eval: dino-vits16 (facebook/dino-vits16) and ' +
+        'clip-vit-b32 (openai/clip-vit-base-patch32), Hugging Face folders; nothing is downloaded.',
+      270,
+    ),
+    prompts: validation('DreamBooth prompts (object)', DREAMBOOTH_OBJECT_PROMPTS, 'my_subject_eval', 560),
+    note_live: note('DreamBooth prompts (live subject)', DREAMBOOTH_LIVE_PROMPTS.join('\n'), 560),
+    sample: { type: 'LoRA2SamplePrompts', title: 'Sample the DreamBooth prompts' },
+    preview_samples: { type: 'PreviewImage', title: 'Samples', size: [420, 420] },
+    evaluate: {
+      type: 'LoRA2Evaluate',
+      title: 'Evaluate: DINO, CLIP-I, CLIP-T',
+      widgets: { real_folder: 'lora2_subject' },
+      size: [360, 0],
+    },
+    save_table: {
+      type: 'SaveImage',
+      title: 'Metrics table',
+      widgets: { filename_prefix: 'lora2/my_subject_metrics' },
+      size: [420, 420],
+    },
+  },
+  links: [
+    ['ckpt', 'VAE', 'dataset', 'vae'],
+    ['ckpt', 'CLIP', 'dataset', 'clip'],
+    ['ckpt', 'MODEL', 'train', 'model'],
+    ['dataset', 'LORA2_DATASET', 'train', 'dataset'],
+    ['ckpt', 'CLIP', 'validation', 'clip'],
+    ['ckpt', 'VAE', 'validation', 'vae'],
+    ['validation', 'LORA2_VALIDATION', 'train', 'validation'],
+    ['train', 'LORA2_ADAPTER', 'heatmap', 'adapter'],
+    ['train', 'LORA2_HISTORY', 'heatmap', 'history'],
+    ['ckpt', 'CLIP', 'prompts', 'clip'],
+    ['ckpt', 'VAE', 'prompts', 'vae'],
+    ['train', 'MODEL', 'sample', 'model'],
+    ['prompts', 'LORA2_VALIDATION', 'sample', 'prompts'],
+    ['sample', 'IMAGE', 'preview_samples', 'images'],
+    ['sample', 'IMAGE', 'evaluate', 'images'],
+    ['sample', 'STRING', 'evaluate', 'prompts'],
+    ['evaluate', 'IMAGE', 'save_table', 'images'],
+  ],
+  layout: [
+    [
+      {
+        group: '1 Train, with validation samples',
+        columns: [['note_train', 'ckpt'], ['dataset', 'validation'], ['train'], ['heatmap']],
+      },
+    ],
+    [
+      {
+        group: '2 Evaluate as DreamBooth does',
+        columns: [['note_eval', 'note_live'], ['prompts'], ['sample', 'preview_samples'], ['evaluate', 'save_table']],
+      },
+    ],
+  ],
+};
+
+export const SPECS = [trainAndInspect, inspectAnyLora, apply, validateAndEvaluate];

@@ -1,5 +1,6 @@
 // The browser half of tests/test_browser.py: a user opens the template browser, loads this pack's
-// training workflow, shrinks it to a tiny run through the widgets, presses Run and waits for the heatmap.
+// training workflow, shrinks it to a tiny run through the widgets, presses Run, watches the validation
+// samples appear on the Train node while it trains, and waits for the heatmap.
 //
 //   node tests/browser/browser_test.mjs --url http://127.0.0.1:8188 --screenshot out.png
 //
@@ -23,6 +24,7 @@ import {
 const PACK = 'ComfyUI-LoRA2';
 const WORKFLOW = 'lora2_train_and_inspect';
 const HEATMAP = 'Rank heatmap';
+const TRAIN = 'Train LoRA²';
 
 const args = parseArgs(process.argv.slice(2));
 const url = args.url || 'http://127.0.0.1:8188';
@@ -99,14 +101,28 @@ try {
   const widgets = {};
   for (const [title, values] of Object.entries(tiny.overrides)) widgets[title] = await setWidgets(page, title, values);
 
-  // 4. Run, and follow the server's events for that prompt.
-  await page.evaluate(() => {
+  // 4. Run, and follow the server's events for that prompt; watch what the Train node shows meanwhile.
+  await page.evaluate((trainTitle) => {
     const events = (window.__lora2Events = []);
     const types = ['execution_start', 'executed', 'execution_success', 'execution_error', 'execution_interrupted'];
     for (const type of types) {
       window.app.api.addEventListener(type, (e) => events.push({ type, detail: e.detail }));
     }
-  });
+    const train = window.app.graph._nodes.find((n) => n.title === trainTitle);
+    const previews = (window.__lora2Previews = []);
+    window.app.api.addEventListener('b_preview_with_metadata', (e) =>
+      previews.push({ node: String(e.detail.displayNodeId ?? e.detail.nodeId), bytes: e.detail.blob?.size ?? 0 }),
+    );
+    // What a user sees: an image drawn on the Train node before the node has finished (a progress preview).
+    const seen = (window.__lora2TrainImages = []);
+    window.__lora2Poll = setInterval(() => {
+      const img = train.imgs?.[0];
+      if (!img?.complete || !img.naturalWidth) return;
+      const finished = events.some((e) => e.type === 'executed' && String(e.detail.node) === String(train.id));
+      const last = seen[seen.length - 1];
+      if (!last || last.src !== img.src) seen.push({ src: img.src, width: img.naturalWidth, finished });
+    }, 50);
+  }, TRAIN);
   await page.locator('button[aria-label="Run"]').first().click();
   mark('queued');
   const done = await page.waitForFunction(
@@ -119,6 +135,17 @@ try {
   );
   const finish = await done.jsonValue();
   mark('run finished');
+  await page.waitForTimeout(500); // the Train node loads its final grid after `executed`
+  const train = await page.evaluate((trainTitle) => {
+    clearInterval(window.__lora2Poll);
+    const node = window.app.graph._nodes.find((n) => n.title === trainTitle);
+    return {
+      id: String(node.id),
+      previews: window.__lora2Previews,
+      images: window.__lora2TrainImages,
+      final: (node.imgs || []).map((img) => ({ src: img.src, width: img.naturalWidth })),
+    };
+  }, TRAIN);
   if (finish.type !== 'execution_success') {
     throw new Error(`run ended with ${finish.type}: ${JSON.stringify(finish.detail).slice(0, 3000)}`);
   }
@@ -158,6 +185,7 @@ try {
     widgets,
     promptId,
     heatmapId: String(heatmapId),
+    train,
     preview,
     timings,
     consoleErrors: page.consoleErrors.slice(0, 20),
