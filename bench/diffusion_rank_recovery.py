@@ -88,7 +88,7 @@ from ..lora2.targets import select_targets
 from ..lora2.train import Trainer
 from .image_data import ImageSet, base_model, batch_stream, caption_embeddings, load_images, make_batch
 from .rank_recovery import spearman
-from .settings import Overrides, lora2_config, parse_settings, train_config
+from .settings import Overrides, add_set_argument, lora2_config, method_progress, parse_settings, train_config
 from .tiny_diffusion import MODELS, Family, family
 
 DEFAULT_STEPS = 600
@@ -178,12 +178,8 @@ def visible_directions(
     known answer identifiable.
     """
     generator = torch.Generator().manual_seed(seed + 505)
-    index = torch.randint(len(data.subjects), (count,), generator=generator)
-    batch = make_batch(data, index, fam, seed)
-    noise = torch.randn(batch.latents.shape, generator=generator)
-    rule = fam.rule()
-    timesteps = eval_timesteps(rule, count)
-    inputs = noised(rule, batch.latents, noise, timesteps).requires_grad_(True)
+    batch, inputs, timesteps = noised_batch(fam, data, count, generator, seed)
+    inputs.requires_grad_(True)
     modules = dict(base.named_modules())
     rows: dict[str, torch.Tensor] = {}
     grads: dict[str, torch.Tensor] = {}
@@ -390,19 +386,25 @@ def eval_timesteps(rule: Any, count: int) -> torch.Tensor:
 @torch.no_grad()
 def build_eval_set(fam: Family, teacher: nn.Module, base: nn.Module, data: ImageSet, seed: int) -> EvalSet:
     """Noise ``EVAL_SIZE`` pool images with fixed noise at evenly spread levels; record the references."""
-    generator = torch.Generator().manual_seed(seed + 404)
-    index = torch.randint(len(data.subjects), (EVAL_SIZE,), generator=generator)
-    batch = make_batch(data, index, fam, seed)
-    noise = torch.randn(batch.latents.shape, generator=generator)
-    rule = fam.rule()
-    timesteps = eval_timesteps(rule, EVAL_SIZE)
-    inputs = noised(rule, batch.latents, noise, timesteps)
+    batch, inputs, timesteps = noised_batch(fam, data, EVAL_SIZE, torch.Generator().manual_seed(seed + 404), seed)
     captured = capture_inputs(teacher, list(target_layers(teacher)))
     teacher_out = fam.denoiser(teacher)(inputs, timesteps, batch.conditioning)
     for hook in captured.pop("__hooks__"):
         hook.remove()
     base_out = fam.denoiser(base)(inputs, timesteps, batch.conditioning)
     return EvalSet(inputs, timesteps, batch.conditioning, teacher_out, base_out, captured)
+
+
+def noised_batch(
+    fam: Family, data: ImageSet, count: int, generator: torch.Generator, seed: int
+) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """``count`` seeded pool images noised with seeded noise at evenly spread levels: (batch, x_t, t)."""
+    index = torch.randint(len(data.subjects), (count,), generator=generator)
+    batch = make_batch(data, index, fam, seed)
+    noise = torch.randn(batch.latents.shape, generator=generator)
+    rule = fam.rule()
+    timesteps = eval_timesteps(rule, count)
+    return batch, noised(rule, batch.latents, noise, timesteps), timesteps
 
 
 def noised(rule: Any, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -619,28 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="planted directions inside what the data excites and the output sees, or anywhere",
     )
     parser.add_argument("--fixed", default="", help="extra fixed-rank baselines besides r=64, e.g. 4,16")
-    parser.add_argument(
-        "--set",
-        dest="settings",
-        action="append",
-        default=[],
-        metavar="SCOPE.FIELD=VALUE",
-        help="override a LoRA2Config (lora2.*, LoRA² only) or TrainConfig (train.*, every method) field; repeatable",
-    )
+    add_set_argument(parser)
     return parser
-
-
-def _progress(total: int) -> tuple[Any, Callable[[str], None]]:
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, unit="step", mininterval=1.0, file=sys.stderr)
-
-    def update(method: str) -> None:
-        if bar.desc != method:
-            bar.set_description(method)
-        bar.update(1)
-
-    return bar, update
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -655,7 +637,7 @@ def main(argv: list[str] | None = None) -> dict:
         overrides = parse_settings(args.settings)
     except LoRA2Error as exc:
         parser.error(str(exc))
-    bar, update = _progress(args.steps * (2 + len([r for r in fixed if r != BASELINE_RANK])))
+    bar, update = method_progress(args.steps * (2 + len([r for r in fixed if r != BASELINE_RANK])))
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
     results = run(
         args.model,

@@ -66,7 +66,7 @@ from .image_data import (
     photo_dir,
     photo_files,
 )
-from .settings import Overrides, lora2_config, parse_settings, train_config
+from .settings import Overrides, add_set_argument, lora2_config, method_progress, parse_settings, train_config
 from .tiny_diffusion import MODELS, Family, family
 
 DEFAULT_STEPS = 500
@@ -352,28 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--fixed", default=",".join(map(str, DEFAULT_FIXED)), help="fixed-rank baselines (4,16,64)")
     parser.add_argument("--test-images", type=int, default=TEST_IMAGES, help=f"held-out test images ({TEST_IMAGES})")
-    parser.add_argument(
-        "--set",
-        dest="settings",
-        action="append",
-        default=[],
-        metavar="SCOPE.FIELD=VALUE",
-        help="override a LoRA2Config (lora2.*, LoRA² only) or TrainConfig (train.*, every method) field; repeatable",
-    )
+    add_set_argument(parser)
     return parser
-
-
-def _progress(total: int) -> tuple[Any, Callable[[str], None]]:
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, unit="step", mininterval=1.0, file=sys.stderr)
-
-    def update(method: str) -> None:
-        if bar.desc != method:
-            bar.set_description(method)
-        bar.update(1)
-
-    return bar, update
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -388,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict:
         overrides = parse_settings(args.settings)
     except LoRA2Error as exc:
         parser.error(str(exc))
-    bar, update = _progress(args.steps * len(methods_for(args.seed, overrides, fixed)))
+    bar, update = method_progress(args.steps * len(methods_for(args.seed, overrides, fixed)))
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
     try:
         results = run(

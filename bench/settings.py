@@ -8,8 +8,11 @@ when they parse (``1e-3``, ``true``, ``[1, 2]``, ``"text"``) and kept as strings
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,3 +76,29 @@ def _build(cls: type, scope: str, values: dict[str, Any]) -> Any:
         return cls(**values)
     except (TypeError, LoRA2Error) as exc:
         raise LoRA2Error(f"--set {scope}.*: {exc}") from exc
+
+
+def add_set_argument(parser: argparse.ArgumentParser) -> None:
+    """The repeatable ``--set SCOPE.FIELD=VALUE`` flag, as every training benchmark spells it."""
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="SCOPE.FIELD=VALUE",
+        help="override a LoRA2Config (lora2.*, LoRA² only) or TrainConfig (train.*, every method) field; repeatable",
+    )
+
+
+def method_progress(total: int) -> tuple[Any, Callable[[str], None]]:
+    """A tqdm bar over every method's steps, and the per-step callback that names the method training."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="step", mininterval=1.0, file=sys.stderr)
+
+    def update(method: str) -> None:
+        if bar.desc != method:
+            bar.set_description(method)
+        bar.update(1)
+
+    return bar, update
