@@ -13,6 +13,8 @@ else:
     NODE_CLASS_MAPPINGS: dict = {}
     NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
-WEB_DIRECTORY = None
+WEB_DIRECTORY = "./web"
+"""Served at ``/extensions/<pack folder>/``: ``docs/<node id>.md`` are the nodes' help pages (ComfyUI's frontend shows
+them in the node library; written by ``devtools/help_pages.py`` from the declarations)."""
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .layout import COMFY_DIR, MISSING_HOST_REASON, host_available, make_base
+from .layout import COMFY_DIR, MISSING_HOST_REASON, make_base
 
 if TYPE_CHECKING:
     import aiohttp
@@ -110,8 +110,10 @@ class ComfyServer:
         port: int | None = None,
         extra_args: Sequence[str] = (),
         python: str | None = None,
+        comfy_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.base_dir = make_base(base_dir)
+        self.comfy_dir = Path(comfy_dir) if comfy_dir is not None else COMFY_DIR  # which ComfyUI tree runs
         self.port = port or free_port()
         self.extra_args = list(extra_args)
         self.python = python or sys.executable
@@ -124,16 +126,22 @@ class ComfyServer:
 
     def start(self, timeout: float = 60.0) -> ComfyServer:
         """Launch the server and wait until ``/object_info`` answers (stock nodes and packs loaded)."""
-        if not host_available():
-            raise RuntimeError(MISSING_HOST_REASON)
+        if not (self.comfy_dir / "main.py").is_file():
+            raise RuntimeError(
+                MISSING_HOST_REASON if self.comfy_dir == COMFY_DIR else f"no ComfyUI at {self.comfy_dir}"
+            )
         env = dict(os.environ)
         env.pop("PYTHONPATH", None)  # the launcher adds the torchvision stub itself, for start-up only
         env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
         command = [self.python, str(LAUNCHER), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port)]
         command += ["--base-directory", str(self.base_dir), *self.extra_args]
+        if self.comfy_dir != COMFY_DIR:
+            # A shared tree we do not own (the newest host): leave no bytecode and no database in it.
+            env["PYTHONDONTWRITEBYTECODE"] = "1"
+            command += ["--database-url", f"sqlite:///{self.base_dir / 'user' / 'comfyui.db'}"]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                command, cwd=COMFY_DIR, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                command, cwd=self.comfy_dir, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )
         self._wait_ready(timeout)
         return self

@@ -21,12 +21,16 @@ MISSING_HOST_REASON = f"ComfyUI host not installed at {COMFY_DIR} (run `make hos
 
 NEWEST_COMFY_VERSION = "0.33.0"
 NEWEST_COMFY_CANDIDATES = (
-    *([Path(os.environ["LORA2_NEWEST_COMFY"])] if os.environ.get("LORA2_NEWEST_COMFY") else []),
-    REPO_ROOT.parent / "shared" / "hosts" / f"ComfyUI-{NEWEST_COMFY_VERSION}",
-    Path("/work/shared/hosts") / f"ComfyUI-{NEWEST_COMFY_VERSION}",
+    (Path(os.environ["LORA2_NEWEST_COMFY"]),)
+    if os.environ.get("LORA2_NEWEST_COMFY")
+    else (
+        REPO_ROOT.parent / "shared" / "hosts" / f"ComfyUI-{NEWEST_COMFY_VERSION}",
+        Path("/work/shared/hosts") / f"ComfyUI-{NEWEST_COMFY_VERSION}",
+    )
 )
 """Where the newest ComfyUI tree may be: CI and the developers' machines carry it under ``shared/hosts``
-beside the checkout; users do not, so everything that needs it skips with ``MISSING_NEWEST_REASON``."""
+beside the checkout; users do not, so everything that needs it skips with ``MISSING_NEWEST_REASON``.
+``LORA2_NEWEST_COMFY`` replaces the search (another tree, or a missing path to see the skip)."""
 NEWEST_COMFY_DIR = next(
     (path for path in NEWEST_COMFY_CANDIDATES if (path / "main.py").is_file()), NEWEST_COMFY_CANDIDATES[0]
 )

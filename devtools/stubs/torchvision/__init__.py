@@ -9,8 +9,9 @@ path; it is never installed.
 
 from __future__ import annotations
 
+from _import_stub import module_getattr
+
 from . import models, ops, transforms
-from ._stub import module_getattr
 
 __version__ = "0.0.0+stub"
 __getattr__ = module_getattr(__name__)

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from ._stub import module_getattr
+from _import_stub import module_getattr
 
 __getattr__ = module_getattr(__name__)

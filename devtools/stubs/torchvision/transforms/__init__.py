@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .._stub import module_getattr
+from _import_stub import module_getattr
+
 from . import functional
 
 __getattr__ = module_getattr(__name__)

@@ -1,4 +1,6 @@
-"""Shared piece of the import-only torchvision stand-in (see ``__init__.py`` for why it exists)."""
+"""Shared piece of the import-only stand-ins for torchvision and torchaudio (see their ``__init__.py`` for why).
+
+A top-level module of ``devtools/stubs`` (on the path only while ComfyUI starts), so both stubs share it."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ def missing(qualified_name: str) -> Callable[..., NoReturn]:
 
     def _unavailable(*args: Any, **kwargs: Any) -> NoReturn:
         raise NotImplementedError(
-            f"{qualified_name} is not available: tests run with an import-only torchvision stub "
-            "(PyPI's torchvision wheels link CUDA torch and fail beside the CPU torch)"
+            f"{qualified_name} is not available: tests run with an import-only stub of "
+            f"{qualified_name.split('.')[0]} (PyPI's wheels link CUDA torch and fail beside the CPU torch)"
         )
 
     _unavailable.__name__ = qualified_name.rsplit(".", 1)[-1]

@@ -1,0 +1,7 @@
+"""``torchaudio.functional``: every attribute is a callable that raises NotImplementedError."""
+
+from __future__ import annotations
+
+from _import_stub import module_getattr
+
+__getattr__ = module_getattr(__name__)
