@@ -43,6 +43,9 @@ def _default(slot: Any) -> str:
 def render(schema: Any) -> str:
     """The help page of one node schema (``comfy_api`` V3 ``io.Schema``)."""
     lines = [f"# {schema.display_name or schema.node_id}", "", _cell(schema.description or ""), ""]
+    aliases = getattr(schema, "search_aliases", None) or []
+    if aliases:
+        lines += [f"*The node search also finds it as: {', '.join(aliases)}.*", ""]
     if schema.inputs:
         lines += ["## Inputs", "", "| input | type | default | what it does |", "| --- | --- | --- | --- |"]
         for slot in schema.inputs:

@@ -11,6 +11,7 @@ class LoRA2Apply(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LoRA2Apply",
+            search_aliases=["apply lora", "lora loader", "lora strength"],
             display_name="LoRA² Apply",
             category=CATEGORY,
             description="Applies a LoRA² adapter to a model. The factors are merged into the weights when the "

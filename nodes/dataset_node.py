@@ -33,6 +33,7 @@ class LoRA2Dataset(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LoRA2Dataset",
+            search_aliases=["lora dataset", "training images", "dreambooth dataset", "image captions"],
             display_name="LoRA² Dataset",
             category=CATEGORY,
             description="Reads a folder of images (png/jpg/webp/bmp/gif/tiff) with optional same-name .txt "

@@ -41,6 +41,7 @@ class LoRA2Evaluate(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LoRA2Evaluate",
+            search_aliases=["dino score", "clip score", "clip-i", "clip-t", "evaluate lora"],
             display_name="LoRA² Evaluate",
             category=CATEGORY,
             description="Scores generated images as the DreamBooth paper does: DINO and CLIP-I (mean cosine "

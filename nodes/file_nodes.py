@@ -23,6 +23,7 @@ class LoRA2Save(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LoRA2Save",
+            search_aliases=["save lora", "export lora", "write safetensors"],
             display_name="LoRA² Save",
             category=CATEGORY,
             description="Saves an adapter to models/loras as a standard LoRA file that any LoRA loader reads "
@@ -95,6 +96,7 @@ class LoRA2Load(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LoRA2Load",
+            search_aliases=["load lora file", "open lora", "read lora"],
             display_name="LoRA² Load",
             category=CATEGORY,
             description="Loads a LoRA file from models/loras as a LoRA² adapter (LoRA² files keep their ranks, "

@@ -43,6 +43,7 @@ class LoRA2Heatmap(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LoRA2Heatmap",
+            search_aliases=["lora rank heatmap", "rank map", "inspect lora"],
             display_name="LoRA² Rank Heatmap",
             category=CATEGORY,
             description="Draws the rank of every adapted layer: one row per block in model order, one column "
@@ -87,6 +88,7 @@ class LoRA2Prune(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LoRA2Prune",
+            search_aliases=["prune lora", "shrink lora", "compress lora", "lora rank reduction"],
             display_name="LoRA² Prune",
             category=CATEGORY,
             description="Shrinks an adapter: keep the positions that carry a share of each component's importance, "

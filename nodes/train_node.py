@@ -169,6 +169,7 @@ class LoRA2Train(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LoRA2Train",
+            search_aliases=["train lora", "lora training", "adaptive rank lora", "dreambooth", "fine-tune"],
             display_name="LoRA² Train",
             category=CATEGORY,
             description="Trains a LoRA² adapter: every component learns its own rank. Cancel stops after the "

@@ -88,6 +88,7 @@ class LoRA2Validation(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LoRA2Validation",
+            search_aliases=["validation prompts", "samples while training", "training preview"],
             display_name="LoRA² Validation",
             category=CATEGORY,
             description="Validation samples for LoRA² Train: at step 0, every validate_every steps and at the end, "
@@ -154,6 +155,7 @@ class LoRA2SamplePrompts(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LoRA2SamplePrompts",
+            search_aliases=["sample prompts", "prompt grid", "compare prompts"],
             display_name="LoRA² Sample Prompts",
             category=CATEGORY,
             description="Samples every prompt of a LoRA² Validation node once with this MODEL (same sampler, seed and "

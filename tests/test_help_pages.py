@@ -15,7 +15,7 @@ import pytest
 from comfyui_lora2.devtools.comfy_host import ComfyHost
 from comfyui_lora2.devtools.comfy_server import ComfyServer
 from comfyui_lora2.devtools.help_pages import DOCS_DIR, pages
-from comfyui_lora2.devtools.layout import MISSING_HOST_REASON, PACK_LINK_NAME, host_available
+from comfyui_lora2.devtools.layout import COMFY_DIR, MISSING_HOST_REASON, PACK_LINK_NAME, host_available
 
 pytest_plugins = ["support.fixtures"]
 pytestmark = pytest.mark.skipif(not host_available(), reason=MISSING_HOST_REASON)
@@ -49,3 +49,20 @@ def test_both_hosts_serve_the_help_pages_and_the_example_workflows(host_server: 
         served = json.loads(host_server.get(f"/api/workflow_templates/{PACK_LINK_NAME}/{name}.json"))
         assert served == json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
         assert host_server.get(f"/api/workflow_templates/{PACK_LINK_NAME}/{name}.jpg")[:3] == b"\xff\xd8\xff"
+
+
+def test_search_aliases_reach_the_node_search_where_the_host_has_them(
+    host_server: ComfyServer, comfy_host: ComfyHost
+) -> None:
+    """Every node declares extra search names; 0.33.0 lists them in /object_info, 0.3.75 (no such schema
+    field) still loads every node and simply lists none."""
+    names = comfy_host.pack_node_names()
+    declared = {name: comfy_host.nodes.NODE_CLASS_MAPPINGS[name].define_schema().search_aliases for name in names}
+    assert all(len(aliases) >= 2 for aliases in declared.values()), declared
+    info = host_server.object_info()
+    supports = "search_aliases" in info["KSampler"]  # the stock node tells whether this host has the field
+    for name, aliases in declared.items():
+        assert name in info, name
+        assert info[name].get("search_aliases") == (aliases if supports else None), name
+    newest = host_server.comfy_dir != COMFY_DIR
+    assert supports == newest  # 0.33.0 has the field, the pinned 0.3.75 does not

@@ -14,11 +14,37 @@ It turns ComfyUI's objects into the plain callables and paths ``lora2`` takes, o
 
 Node declarations need ComfyUI's V3 schema API too; they take it from here (``from .comfy import io,
 ui``) rather than from ``comfy_api`` directly, so that which ComfyUI API version the pack declares
-against is decided in this one place.
+against is decided in this one place. That includes schema fields newer than the oldest supported host:
+``search_aliases`` (the node search's extra names) exists in ComfyUI 0.33.0's ``io.Schema`` but not in
+0.3.75's, so on an older host ``io.Schema`` here is a subclass that accepts and ignores it.
 """
 
 from __future__ import annotations
 
-from comfy_api.latest import io, ui
+import dataclasses
+import types
+
+from comfy_api.latest import io as _io
+from comfy_api.latest import ui
+
+
+def _accepting_search_aliases(schema: type) -> type:
+    """``io.Schema`` itself when it knows ``search_aliases``; otherwise a subclass that takes the field."""
+    if "search_aliases" in {field.name for field in dataclasses.fields(schema)}:
+        return schema
+
+    @dataclasses.dataclass
+    class Schema(schema):  # the host ignores the extra field; the node search simply lacks the aliases
+        search_aliases: list[str] = dataclasses.field(default_factory=list)
+
+    return Schema
+
+
+if _accepting_search_aliases(_io.Schema) is _io.Schema:
+    io = _io
+else:
+    io = types.ModuleType(_io.__name__, _io.__doc__)
+    io.__dict__.update({name: value for name, value in vars(_io).items() if not name.startswith("__")})
+    io.Schema = _accepting_search_aliases(_io.Schema)
 
 __all__ = ["io", "ui"]
