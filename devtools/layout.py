@@ -89,7 +89,8 @@ def hide_torchvision_stub() -> list[str]:
     while stub in sys.path:
         sys.path.remove(stub)
     dropped = []
-    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+    stubbed = ("torchvision", "torchaudio", "_import_stub")  # every top-level name under devtools/stubs
+    for name in [n for n in sys.modules if n.split(".")[0] in stubbed]:
         if str(getattr(sys.modules[name], "__file__", "") or "").startswith(stub):
             del sys.modules[name]
             dropped.append(name)
@@ -98,10 +99,10 @@ def hide_torchvision_stub() -> list[str]:
 
 
 def forget_cached_torchvision_checks() -> None:
-    """Clear ``transformers``' cached ``is_torchvision_available()`` (an ``lru_cache`` filled at start-up)."""
+    """Clear ``transformers``' cached torchvision/torchaudio availability checks (``lru_cache``s filled at start-up)."""
     import_utils = sys.modules.get("transformers.utils.import_utils")
     for name in dir(import_utils) if import_utils is not None else ():
-        if "torchvision" in name:
+        if "torchvision" in name or "torchaudio" in name:
             clear = getattr(getattr(import_utils, name), "cache_clear", None)
             if callable(clear):
                 clear()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .apply_node import LoRA2Apply
+from .comfy import ComfyExtension, io
 from .dataset_node import LoRA2Dataset
 from .evaluate_node import LoRA2Evaluate
 from .file_nodes import LoRA2Load, LoRA2Save
@@ -23,5 +24,14 @@ NODES = [
     LoRA2Evaluate,
 ]
 
-NODE_CLASS_MAPPINGS = {node.define_schema().node_id: node for node in NODES}
-NODE_DISPLAY_NAME_MAPPINGS = {node.define_schema().node_id: node.define_schema().display_name for node in NODES}
+
+class LoRA2Extension(ComfyExtension):
+    """The pack as ComfyUI's V3 extension: its node list (ids and display names come from each schema)."""
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> LoRA2Extension:
+    """What ComfyUI calls when it loads the pack (0.3.75 and 0.33.0 both read ``comfy_entrypoint``)."""
+    return LoRA2Extension()

@@ -6,6 +6,7 @@ If these fail, every ComfyUI-level test is suspect, so they pin the harness down
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import io
 import json
@@ -26,9 +27,12 @@ def test_boot_loads_our_pack_cleanly(comfy_host: ComfyHost) -> None:
     assert comfy_host.pack_loaded, comfy_host.pack_import_failures
     assert comfy_host.pack_import_failures == []
     assert comfy_host.nodes.LOADED_MODULE_DIRS[PACK_LINK_NAME] == str(comfy_host.pack_path)
-    # ComfyUI's copy of the pack, under its path-derived name, exports the registry ComfyUI read.
-    assert isinstance(comfy_host.pack_module().NODE_CLASS_MAPPINGS, dict)
-    assert set(comfy_host.pack_node_names()) == set(comfy_host.pack_module().NODE_CLASS_MAPPINGS)
+    # ComfyUI's copy of the pack, under its path-derived name, registers through comfy_entrypoint only
+    # (one registration style), and every node of its list reached ComfyUI's registry.
+    pack = comfy_host.pack_module()
+    assert callable(pack.comfy_entrypoint) and not hasattr(pack, "NODE_CLASS_MAPPINGS")
+    listed = asyncio.run(asyncio.run(pack.comfy_entrypoint()).get_node_list())
+    assert set(comfy_host.pack_node_names()) == {node.GET_SCHEMA().node_id for node in listed}
     assert "KSampler" in comfy_host.nodes.NODE_CLASS_MAPPINGS
     # Stock extras that need torchaudio/spandrel are expected to be missing on the CPU host, nothing else.
     expected_missing = {"nodes_audio.py", "nodes_audio_encoder.py", "nodes_upscale_model.py"}

@@ -24,8 +24,8 @@ from __future__ import annotations
 import dataclasses
 import types
 
+from comfy_api.latest import ComfyExtension, ui
 from comfy_api.latest import io as _io
-from comfy_api.latest import ui
 
 
 def _accepting_search_aliases(schema: type) -> type:
@@ -47,4 +47,4 @@ else:
     io.__dict__.update({name: value for name, value in vars(_io).items() if not name.startswith("__")})
     io.Schema = _accepting_search_aliases(_io.Schema)
 
-__all__ = ["io", "ui"]
+__all__ = ["ComfyExtension", "io", "ui"]
