@@ -86,6 +86,9 @@ def demo_prompt(args: argparse.Namespace) -> dict[str, Any]:
         }
     )
     by_title(prompt, "Empty latent")["inputs"].update({"width": args.resolution, "height": args.resolution})
+    by_title(prompt, "Validation prompts")["inputs"].update(  # the workflow's 512² × 20 steps is for real models
+        {"width": args.resolution, "height": args.resolution, "steps": args.sample_steps}
+    )
     for title in ("Sample without adapter", "Sample with adapter"):
         by_title(prompt, title)["inputs"]["steps"] = args.sample_steps
     by_title(prompt, "Save adapter")["inputs"]["filename"] = "lora2/demo_adapter"
