@@ -71,7 +71,6 @@ import copy
 import itertools
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -88,7 +87,15 @@ from ..lora2.targets import select_targets
 from ..lora2.train import Trainer
 from .image_data import ImageSet, base_model, batch_stream, caption_embeddings, load_images, make_batch
 from .rank_recovery import spearman
-from .settings import Overrides, add_set_argument, lora2_config, method_progress, parse_settings, train_config
+from .settings import (
+    Overrides,
+    add_set_argument,
+    lora2_config,
+    method_progress,
+    parse_settings,
+    parse_training_bench_args,
+    train_config,
+)
 from .tiny_diffusion import MODELS, Family, family
 
 DEFAULT_STEPS = 600
@@ -591,16 +598,6 @@ def json_line(results: dict) -> str:
     return json.dumps({**results["summary"], "methods": methods, **extra})
 
 
-def parse_fixed(text: str) -> tuple[int, ...]:
-    try:
-        ranks = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise LoRA2Error(f"--fixed {text!r}: expected comma-separated ranks such as 4,16") from None
-    if any(rank < 1 for rank in ranks):
-        raise LoRA2Error(f"--fixed {text!r}: ranks must be at least 1")
-    return ranks
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
@@ -626,17 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error("--steps must be at least 1")
-    try:
-        fixed = parse_fixed(args.fixed)
-        overrides = parse_settings(args.settings)
-    except LoRA2Error as exc:
-        parser.error(str(exc))
+    args, fixed, overrides = parse_training_bench_args(build_parser(), argv)
     bar, update = method_progress(args.steps * (2 + len([r for r in fixed if r != BASELINE_RANK])))
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
     results = run(

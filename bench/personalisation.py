@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import sys
 import time
@@ -55,7 +54,7 @@ from ..lora2 import attach
 from ..lora2.errors import LoRA2Error
 from ..lora2.noise import DDPMRule
 from ..lora2.train import Trainer, adapter_megabytes
-from .diffusion_rank_recovery import Method, Trained, eval_timesteps, noised, parse_fixed
+from .diffusion_rank_recovery import Method, Trained, eval_timesteps, noised
 from .image_data import (
     PRETRAIN_STEPS,
     ImageSet,
@@ -66,7 +65,15 @@ from .image_data import (
     photo_dir,
     photo_files,
 )
-from .settings import Overrides, add_set_argument, lora2_config, method_progress, parse_settings, train_config
+from .settings import (
+    Overrides,
+    add_set_argument,
+    lora2_config,
+    method_progress,
+    parse_settings,
+    parse_training_bench_args,
+    train_config,
+)
 from .tiny_diffusion import MODELS, Family, family
 
 DEFAULT_STEPS = 500
@@ -357,17 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error("--steps must be at least 1")
-    try:
-        fixed = parse_fixed(args.fixed)
-        overrides = parse_settings(args.settings)
-    except LoRA2Error as exc:
-        parser.error(str(exc))
+    args, fixed, overrides = parse_training_bench_args(parser, argv)
     bar, update = method_progress(args.steps * len(methods_for(args.seed, overrides, fixed)))
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
     try:

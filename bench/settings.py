@@ -102,3 +102,33 @@ def method_progress(total: int) -> tuple[Any, Callable[[str], None]]:
         bar.update(1)
 
     return bar, update
+
+
+def parse_fixed(text: str) -> tuple[int, ...]:
+    """``--fixed 4,16`` → the extra fixed-rank baselines; errors name the flag."""
+    try:
+        ranks = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise LoRA2Error(f"--fixed {text!r}: expected comma-separated ranks such as 4,16") from None
+    if any(rank < 1 for rank in ranks):
+        raise LoRA2Error(f"--fixed {text!r}: ranks must be at least 1")
+    return ranks
+
+
+def parse_training_bench_args(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> tuple[argparse.Namespace, tuple[int, ...], Overrides]:
+    """One thread, parsed flags, and the checked ``--steps``/``--fixed``/``--set`` every training bench takes."""
+    import os
+
+    import torch
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
+    try:
+        return args, parse_fixed(args.fixed), parse_settings(args.settings)
+    except LoRA2Error as exc:
+        parser.error(str(exc))
