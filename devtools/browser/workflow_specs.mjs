@@ -86,6 +86,50 @@ const validation = (title, prompts, runName, height) => ({
   widgets: { prompts: prompts.join('\n'), validate_every: 100, seed: SEED, steps: 20, width: 512, height: 512, cfg: 5.0, run_name: runName },
   size: [360, height],
 });
+const subjectDataset = () => ({
+  type: 'LoRA2Dataset',
+  title: 'Subject images',
+  widgets: { folder: 'lora2_subject', caption_template: 'a photo of {trigger}', trigger: 'sks toy', resolution: 512 },
+});
+const heatmap = (title) => ({ type: 'LoRA2Heatmap', title, size: [420, 400] });
+
+// Train with validation samples, then the heatmap: the core of workflows 1 and 4.
+const TRAIN_LINKS = [
+  ['ckpt', 'VAE', 'dataset', 'vae'],
+  ['ckpt', 'CLIP', 'dataset', 'clip'],
+  ['ckpt', 'MODEL', 'train', 'model'],
+  ['dataset', 'LORA2_DATASET', 'train', 'dataset'],
+  ['ckpt', 'CLIP', 'validation', 'clip'],
+  ['ckpt', 'VAE', 'validation', 'vae'],
+  ['validation', 'LORA2_VALIDATION', 'train', 'validation'],
+  ['train', 'LORA2_ADAPTER', 'heatmap', 'adapter'],
+  ['train', 'LORA2_HISTORY', 'heatmap', 'history'],
+];
+
+// Two samples side by side from one prompt, latent and seed (workflows 1 and 3): each side is
+// { key, sample, decode, preview } (its node-key suffix and titles); nodes sample_<key>, decode_<key>, preview_<key>.
+const compareNodes = (sides) => ({
+  positive: prompt('Prompt', 'a photo of sks toy on the beach'),
+  negative: prompt('Negative', ''),
+  latent: { type: 'EmptyLatentImage', title: 'Empty latent', widgets: { width: 512, height: 512, batch_size: 1 } },
+  ...Object.fromEntries(sides.map((s) => [`sample_${s.key}`, sampler(s.sample)])),
+  ...Object.fromEntries(sides.map((s) => [`decode_${s.key}`, { type: 'VAEDecode', title: s.decode }])),
+  ...Object.fromEntries(
+    sides.map((s) => [`preview_${s.key}`, { type: 'PreviewImage', title: s.preview, size: [260, 250] }]),
+  ),
+});
+const promptLinks = ['positive', 'negative'].map((key) => ['ckpt', 'CLIP', key, 'clip']);
+const samplerInputLinks = (sampler) => [
+  ['positive', 'CONDITIONING', sampler, 'positive'],
+  ['negative', 'CONDITIONING', sampler, 'negative'],
+  ['latent', 'LATENT', sampler, 'latent_image'],
+];
+const decodeLinks = (keys) =>
+  keys.flatMap((key) => [
+    [`sample_${key}`, 'LATENT', `decode_${key}`, 'samples'],
+    ['ckpt', 'VAE', `decode_${key}`, 'vae'],
+  ]);
+const previewLinks = (keys) => keys.map((key) => [`decode_${key}`, 'IMAGE', `preview_${key}`, 'images']);
 
 const trainAndInspect = {
   name: 'lora2_train_and_inspect',
@@ -108,16 +152,7 @@ const trainAndInspect = {
         'turn gradient_checkpointing on.',
       230,
     ),
-    dataset: {
-      type: 'LoRA2Dataset',
-      title: 'Subject images',
-      widgets: {
-        folder: 'lora2_subject',
-        caption_template: 'a photo of {trigger}',
-        trigger: 'sks toy',
-        resolution: 512,
-      },
-    },
+    dataset: subjectDataset(),
     note_train: note(
       'About: training',
       'LoRA² starts every attention layer at rank 4 and lets each one grow or shrink while it trains. ' +
@@ -138,7 +173,7 @@ const trainAndInspect = {
         'models/loras/lora2 that any LoRA loader reads; "Save adapter" also writes the state to resume from.',
       210,
     ),
-    heatmap: { type: 'LoRA2Heatmap', title: 'Rank heatmap', size: [420, 400] },
+    heatmap: heatmap('Rank heatmap'),
     prune: { type: 'LoRA2Prune', title: 'Prune', widgets: { policy: 'importance mass', value: 0.9 } },
     save_pruned: { type: 'LoRA2Save', title: 'Save pruned', widgets: { filename: 'lora2/my_subject_pruned' } },
     save: { type: 'LoRA2Save', title: 'Save adapter', widgets: { filename: 'lora2/my_subject' } },
@@ -148,47 +183,30 @@ const trainAndInspect = {
         'Use the trigger word ("sks toy") in the prompt.',
       110,
     ),
-    positive: prompt('Prompt', 'a photo of sks toy on the beach'),
-    negative: prompt('Negative', ''),
-    latent: { type: 'EmptyLatentImage', title: 'Empty latent', widgets: { width: 512, height: 512, batch_size: 1 } },
-    sample_base: sampler('Sample without adapter'),
-    sample_lora: sampler('Sample with adapter'),
-    decode_base: { type: 'VAEDecode', title: 'Decode without adapter' },
-    decode_lora: { type: 'VAEDecode', title: 'Decode with adapter' },
-    preview_base: { type: 'PreviewImage', title: 'Preview without adapter', size: [260, 250] },
-    preview_lora: { type: 'PreviewImage', title: 'Preview with adapter', size: [260, 250] },
+    ...compareNodes([
+      {
+        key: 'base',
+        sample: 'Sample without adapter',
+        decode: 'Decode without adapter',
+        preview: 'Preview without adapter',
+      },
+      { key: 'lora', sample: 'Sample with adapter', decode: 'Decode with adapter', preview: 'Preview with adapter' },
+    ]),
   },
   links: [
-    ['ckpt', 'VAE', 'dataset', 'vae'],
-    ['ckpt', 'CLIP', 'dataset', 'clip'],
-    ['ckpt', 'MODEL', 'train', 'model'],
-    ['dataset', 'LORA2_DATASET', 'train', 'dataset'],
-    ['ckpt', 'CLIP', 'validation', 'clip'],
-    ['ckpt', 'VAE', 'validation', 'vae'],
-    ['validation', 'LORA2_VALIDATION', 'train', 'validation'],
-    ['train', 'LORA2_ADAPTER', 'heatmap', 'adapter'],
-    ['train', 'LORA2_HISTORY', 'heatmap', 'history'],
+    ...TRAIN_LINKS,
     ['train', 'LORA2_ADAPTER', 'prune', 'adapter'],
     ['prune', 'LORA2_ADAPTER', 'save_pruned', 'adapter'],
     ['ckpt', 'MODEL', 'save_pruned', 'model'],
     ['train', 'LORA2_ADAPTER', 'save', 'adapter'],
     ['ckpt', 'MODEL', 'save', 'model'],
-    ['ckpt', 'CLIP', 'positive', 'clip'],
-    ['ckpt', 'CLIP', 'negative', 'clip'],
+    ...promptLinks,
     ['ckpt', 'MODEL', 'sample_base', 'model'],
-    ['positive', 'CONDITIONING', 'sample_base', 'positive'],
-    ['negative', 'CONDITIONING', 'sample_base', 'negative'],
-    ['latent', 'LATENT', 'sample_base', 'latent_image'],
+    ...samplerInputLinks('sample_base'),
     ['train', 'MODEL', 'sample_lora', 'model'],
-    ['positive', 'CONDITIONING', 'sample_lora', 'positive'],
-    ['negative', 'CONDITIONING', 'sample_lora', 'negative'],
-    ['latent', 'LATENT', 'sample_lora', 'latent_image'],
-    ['sample_base', 'LATENT', 'decode_base', 'samples'],
-    ['ckpt', 'VAE', 'decode_base', 'vae'],
-    ['sample_lora', 'LATENT', 'decode_lora', 'samples'],
-    ['ckpt', 'VAE', 'decode_lora', 'vae'],
-    ['decode_base', 'IMAGE', 'preview_base', 'images'],
-    ['decode_lora', 'IMAGE', 'preview_lora', 'images'],
+    ...samplerInputLinks('sample_lora'),
+    ...decodeLinks(['base', 'lora']),
+    ...previewLinks(['base', 'lora']),
   ],
   layout: [
     [
@@ -225,10 +243,10 @@ const inspectAnyLora = {
       250,
     ),
     load: { type: 'LoRA2Load', title: 'Load LoRA file', widgets: { lora_name: SUBJECT_LORA }, size: [300, 0] },
-    heatmap: { type: 'LoRA2Heatmap', title: 'Rank heatmap', size: [420, 400] },
+    heatmap: heatmap('Rank heatmap'),
     prune: { type: 'LoRA2Prune', title: 'Prune to budget', widgets: { policy: 'budget (MB)', value: 10 } },
     save: { type: 'LoRA2Save', title: 'Save pruned', widgets: { filename: 'lora2/my_subject_10mb' } },
-    heatmap_pruned: { type: 'LoRA2Heatmap', title: 'Heatmap after pruning', size: [420, 400] },
+    heatmap_pruned: heatmap('Heatmap after pruning'),
   },
   links: [
     ['load', 'LORA2_ADAPTER', 'heatmap', 'adapter'],
@@ -258,36 +276,32 @@ const apply = {
       widgets: { lora_name: SUBJECT_LORA, strength_model: 1.0 },
       size: [300, 0],
     },
-    positive: prompt('Prompt', 'a photo of sks toy on the beach'),
-    negative: prompt('Negative', ''),
-    latent: { type: 'EmptyLatentImage', title: 'Empty latent', widgets: { width: 512, height: 512, batch_size: 1 } },
-    sample_apply: sampler('Sample with LoRA² Apply'),
-    sample_stock: sampler('Sample with stock loader'),
-    decode_apply: { type: 'VAEDecode', title: 'Decode (LoRA² Apply)' },
-    decode_stock: { type: 'VAEDecode', title: 'Decode (stock loader)' },
-    preview_apply: { type: 'PreviewImage', title: 'Preview (LoRA² Apply)', size: [260, 250] },
-    preview_stock: { type: 'PreviewImage', title: 'Preview (stock loader)', size: [260, 250] },
+    ...compareNodes([
+      {
+        key: 'apply',
+        sample: 'Sample with LoRA² Apply',
+        decode: 'Decode (LoRA² Apply)',
+        preview: 'Preview (LoRA² Apply)',
+      },
+      {
+        key: 'stock',
+        sample: 'Sample with stock loader',
+        decode: 'Decode (stock loader)',
+        preview: 'Preview (stock loader)',
+      },
+    ]),
   },
   links: [
     ['ckpt', 'MODEL', 'apply', 'model'],
     ['adapter', 'LORA2_ADAPTER', 'apply', 'adapter'],
     ['ckpt', 'MODEL', 'stock', 'model'],
-    ['ckpt', 'CLIP', 'positive', 'clip'],
-    ['ckpt', 'CLIP', 'negative', 'clip'],
+    ...promptLinks,
     ['apply', 'MODEL', 'sample_apply', 'model'],
     ['stock', 'MODEL', 'sample_stock', 'model'],
-    ['positive', 'CONDITIONING', 'sample_apply', 'positive'],
-    ['negative', 'CONDITIONING', 'sample_apply', 'negative'],
-    ['latent', 'LATENT', 'sample_apply', 'latent_image'],
-    ['positive', 'CONDITIONING', 'sample_stock', 'positive'],
-    ['negative', 'CONDITIONING', 'sample_stock', 'negative'],
-    ['latent', 'LATENT', 'sample_stock', 'latent_image'],
-    ['sample_apply', 'LATENT', 'decode_apply', 'samples'],
-    ['ckpt', 'VAE', 'decode_apply', 'vae'],
-    ['sample_stock', 'LATENT', 'decode_stock', 'samples'],
-    ['ckpt', 'VAE', 'decode_stock', 'vae'],
-    ['decode_apply', 'IMAGE', 'preview_apply', 'images'],
-    ['decode_stock', 'IMAGE', 'preview_stock', 'images'],
+    ...samplerInputLinks('sample_apply'),
+    ...samplerInputLinks('sample_stock'),
+    ...decodeLinks(['apply', 'stock']),
+    ...previewLinks(['apply', 'stock']),
   ],
   layout: [
     [
@@ -310,14 +324,10 @@ const validateAndEvaluate = {
       230,
     ),
     ckpt: checkpointLoader(),
-    dataset: {
-      type: 'LoRA2Dataset',
-      title: 'Subject images',
-      widgets: { folder: 'lora2_subject', caption_template: 'a photo of {trigger}', trigger: 'sks toy', resolution: 512 },
-    },
+    dataset: subjectDataset(),
     validation: validation('Validation prompts', VALIDATION_PROMPTS, 'my_subject', 0),
     train: { type: 'LoRA2Train', title: 'Train LoRA²' },
-    heatmap: { type: 'LoRA2Heatmap', title: 'Rank heatmap', size: [420, 400] },
+    heatmap: heatmap('Rank heatmap'),
     note_eval: note(
       'About: DreamBooth metrics',
       'The trained model samples the 25 DreamBooth object prompts (for a live subject such as a dog or cat, ' +
@@ -346,15 +356,7 @@ const validateAndEvaluate = {
     },
   },
   links: [
-    ['ckpt', 'VAE', 'dataset', 'vae'],
-    ['ckpt', 'CLIP', 'dataset', 'clip'],
-    ['ckpt', 'MODEL', 'train', 'model'],
-    ['dataset', 'LORA2_DATASET', 'train', 'dataset'],
-    ['ckpt', 'CLIP', 'validation', 'clip'],
-    ['ckpt', 'VAE', 'validation', 'vae'],
-    ['validation', 'LORA2_VALIDATION', 'train', 'validation'],
-    ['train', 'LORA2_ADAPTER', 'heatmap', 'adapter'],
-    ['train', 'LORA2_HISTORY', 'heatmap', 'history'],
+    ...TRAIN_LINKS,
     ['ckpt', 'CLIP', 'prompts', 'clip'],
     ['ckpt', 'VAE', 'prompts', 'vae'],
     ['train', 'MODEL', 'sample', 'model'],
