@@ -22,6 +22,7 @@ import torch
 from diffusers import DDPMScheduler, FluxTransformer2DModel, UNet2DConditionModel
 from torch import nn
 
+from ..devtools.unet_configs import sd15_unet_config, sdxl_unet_config
 from ..lora2.noise import DDPMRule, FlowRule
 
 MODELS = ("sd15", "sdxl", "flux")
@@ -127,38 +128,29 @@ def flux_ids() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _sd15() -> UNet2DConditionModel:
-    return UNet2DConditionModel(
-        sample_size=LATENT_SIZE,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    config = sd15_unet_config(
+        (32, 64, 64),
+        (True, True, False),
         cross_attention_dim=CONTEXT_DIM,
         attention_head_dim=8,
+        sample_size=LATENT_SIZE,
         norm_num_groups=16,
     )
+    return UNet2DConditionModel(**config)
 
 
 def _sdxl() -> UNet2DConditionModel:
-    return UNet2DConditionModel(
-        sample_size=LATENT_SIZE,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2),
-        cross_attention_dim=CONTEXT_DIM,
+    config = sdxl_unet_config(
+        (32, 64),
+        transformer_layers=(1, 2),
         attention_head_dim=(8, 16),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=SDXL_TIME_DIM,
-        projection_class_embeddings_input_dim=POOLED_DIM + len(SDXL_TIME_IDS) * SDXL_TIME_DIM,
+        cross_attention_dim=CONTEXT_DIM,
+        pooled_dim=POOLED_DIM,
+        time_embed_dim=SDXL_TIME_DIM,
+        sample_size=LATENT_SIZE,
         norm_num_groups=16,
     )
+    return UNet2DConditionModel(**config)
 
 
 def _flux() -> FluxTransformer2DModel:

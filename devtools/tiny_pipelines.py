@@ -20,6 +20,19 @@ from pathlib import Path
 import torch
 
 from .tiny_eval_models import BOS, EOS, VOCAB_SIZE, write_tokenizer_files
+from .unet_configs import sd15_unet_config, sdxl_unet_config
+
+SD15_UNET = sd15_unet_config((32, 64), (True, True), cross_attention_dim=32, attention_head_dim=4)
+"""The diffusers twin of ``tiny_models.SD15_UNET_CONFIG`` (4 heads)."""
+SDXL_UNET = sdxl_unet_config(
+    (32, 64),
+    transformer_layers=(1, 1),
+    attention_head_dim=(2, 4),
+    cross_attention_dim=32,
+    pooled_dim=32,
+    time_embed_dim=256,
+)
+"""The diffusers twin of ``tiny_models.SDXL_UNET_CONFIG`` (16-channel heads)."""
 
 TEXT_LAYERS = dict(
     intermediate_size=32,
@@ -55,42 +68,15 @@ def _tokenizer(folder: Path):
     return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
 
 
-def _sd15_unet():
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-    )
-
-
-def _sdxl_unet():
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 1),
-        cross_attention_dim=32,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=32 + 6 * 256,
-    )
-
-
 def save_tiny_pipeline(folder: Path, family: str = "sd15", seed: int = 0) -> Path:
     """A random SD1.5- or SDXL-layout pipeline saved as a diffusers folder (``save_pretrained``)."""
-    from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import (
+        DDPMScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     folder = Path(folder)
@@ -102,7 +88,7 @@ def save_tiny_pipeline(folder: Path, family: str = "sd15", seed: int = 0) -> Pat
                 vae=_vae(),
                 text_encoder=CLIPTextModel(CLIPTextConfig(hidden_size=32, **TEXT_LAYERS)),
                 tokenizer=tokenizer,
-                unet=_sd15_unet(),
+                unet=UNet2DConditionModel(**SD15_UNET),
                 scheduler=DDPMScheduler(**SCHEDULE, steps_offset=1, clip_sample=False),
                 safety_checker=None,
                 feature_extractor=None,
@@ -117,7 +103,7 @@ def save_tiny_pipeline(folder: Path, family: str = "sd15", seed: int = 0) -> Pat
                 ),
                 tokenizer=tokenizer,
                 tokenizer_2=tokenizer,
-                unet=_sdxl_unet(),
+                unet=UNet2DConditionModel(**SDXL_UNET),
                 scheduler=EulerDiscreteScheduler(**SCHEDULE),
             )
         else:

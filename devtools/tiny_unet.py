@@ -13,6 +13,9 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from ..lora2.noise import DDPMRule
+from .unet_configs import sd15_unet_config
+
+CONFIG = sd15_unet_config((16, 32), (True, False), cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8)
 
 
 @dataclass
@@ -23,19 +26,7 @@ class Batch:
 
 def tiny_unet() -> UNet2DConditionModel:
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
-    return unet.requires_grad_(False)
+    return UNet2DConditionModel(**CONFIG).requires_grad_(False)
 
 
 def data(seed: int = 0):

@@ -112,16 +112,10 @@ def test_stock_loader_matches_lora2_apply(comfy_host: ComfyHost, family: str) ->
 def _diffusers_unet():
     from diffusers import UNet2DConditionModel
 
+    from comfyui_lora2.devtools.tiny_pipelines import SD15_UNET
+
     torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-    ).eval()
+    return UNet2DConditionModel(**SD15_UNET).eval()
 
 
 @needs_host
