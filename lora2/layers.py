@@ -165,27 +165,24 @@ class AdaptiveLoRA(nn.Module):
         return out
 
     def _observe(self, x: torch.Tensor, grad: torch.Tensor) -> None:
-        """Hand the sketch this step's inputs and output gradients as rows (``G = δᵀx``)."""
+        """Hand the sketch this step's inputs and output gradients (``G = δᵀx``, rows = tokens or patches)."""
         if self.sketch is None:
             return
         if not self.is_conv:
-            rows, deltas = x.reshape(-1, self.in_features), grad.reshape(-1, self.out_features)
-        else:
-            if self.padding_mode != "zeros":
-                x = F.pad(x, self._reversed_padding, mode=self.padding_mode)
-                padding = 0
-            else:
-                padding = self.conv_kwargs["padding"]
-            patches = F.unfold(
-                x.float(),
-                self.kernel_size,
-                dilation=self.conv_kwargs["dilation"],
-                padding=padding,
-                stride=self.conv_kwargs["stride"],
-            )
-            rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
-            deltas = grad.flatten(2).transpose(1, 2).reshape(-1, self.out_features)
-        self.sketch.observe(rows, deltas)
+            self.sketch.observe(x.reshape(-1, self.in_features), grad.reshape(-1, self.out_features))
+            return
+        padding = self.conv_kwargs["padding"]
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding, mode=self.padding_mode)
+            padding = (0, 0)
+        self.sketch.observe_conv(
+            x,
+            grad,
+            self.kernel_size,
+            stride=self.conv_kwargs["stride"],
+            padding=padding,
+            dilation=self.conv_kwargs["dilation"],
+        )
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:

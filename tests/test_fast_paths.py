@@ -14,6 +14,7 @@ from torch import nn
 
 from comfyui_lora2.lora2 import rank as R
 from comfyui_lora2.lora2.adapter import Adapter, Component
+from comfyui_lora2.lora2.growth import GradientSketch
 from comfyui_lora2.lora2.layers import AdaptiveLoRA
 from comfyui_lora2.lora2.lora_file import load_adapter, save_adapter
 from comfyui_lora2.lora2.train import make_optimizer
@@ -159,3 +160,53 @@ def test_checkpointed_blocks_feed_the_sketch_exactly_once() -> None:
         assert int(state["count"]) == 1 == int(checkpointed_run[name]["count"]), name
         for key, value in state.items():
             torch.testing.assert_close(checkpointed_run[name][key], value, msg=f"{name}.{key}")
+
+
+def unfolded_rows(c: AdaptiveLoRA, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The convolution's ``G = δᵀx`` as rows, the way the sketch was fed before: ``im2col`` of the input."""
+    padding = c.conv_kwargs["padding"]
+    if c.padding_mode != "zeros":
+        x, padding = torch.nn.functional.pad(x, c._reversed_padding, mode=c.padding_mode), 0
+    patches = torch.nn.functional.unfold(
+        x, c.kernel_size, dilation=c.conv_kwargs["dilation"], padding=padding, stride=c.conv_kwargs["stride"]
+    )
+    rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    return rows, grad.flatten(2).transpose(1, 2).reshape(-1, c.out_features)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        {"kernel_size": 3, "padding": 1},
+        {"kernel_size": 3, "padding": 1, "stride": 2},
+        {"kernel_size": 3, "padding": 2, "dilation": 2},
+        {"kernel_size": (3, 1), "padding": (1, 0), "stride": (2, 1)},
+        {"kernel_size": 1},
+        {"kernel_size": 3, "padding": 1, "padding_mode": "reflect"},
+        {"kernel_size": 3, "padding": 1, "padding_mode": "circular"},
+    ],
+)
+def test_convolution_sketch_equals_the_unfolded_one(conv: dict) -> None:
+    """``observe_conv`` (a convolution and its weight gradient) computes what ``im2col`` + matmuls did."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(6, 5, **conv)
+    kwargs = {"width": 2, "nu": 0.0, "alpha": 4.0, "adaptive": True, "dtype": torch.float32}
+    made = [
+        AdaptiveLoRA(layer, **kwargs, device=torch.device("cpu"), generator=torch.Generator().manual_seed(3))
+        for _ in range(2)
+    ]
+    up = torch.randn(5, 2)  # a span to project out, so that the projections are exercised too
+    for c in made:
+        c.sketch = GradientSketch(c.fan_in, c.out_features, 3, 0.9, torch.Generator().manual_seed(4))
+        c.sketch.set_spans(c.down[: c.width].flatten(1), up)
+    ours, reference = made
+    for _ in range(3):
+        x = torch.randn(2, 6, 9, 11)
+        grad = torch.randn_like(layer(x))
+        ours._observe(x, grad)
+        reference.sketch.observe(*unfolded_rows(reference, x, grad))
+    for key, value in reference.sketch.state_dict().items():
+        mine = ours.sketch.state_dict()[key]
+        scale = float(value.abs().max().clamp(min=1.0))
+        torch.testing.assert_close(mine, value, atol=1e-5 * scale, rtol=1e-5, msg=key)
+
