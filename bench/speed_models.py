@@ -21,17 +21,7 @@ from typing import Any
 
 import torch
 
-SD15_BASE: dict[str, Any] = {
-    "use_checkpoint": False,
-    "image_size": 32,
-    "in_channels": 4,
-    "out_channels": 4,
-    "use_spatial_transformer": True,
-    "legacy": False,
-    "adm_in_channels": None,
-    "use_temporal_attention": False,
-    "use_temporal_resblock": False,
-}
+from ..devtools.unet_configs import ldm_unet_config
 
 
 @dataclass(frozen=True)
@@ -49,85 +39,28 @@ class ModelSpec:
     """Default latent height and width (image side / 8)."""
 
 
+def _heads(count: int) -> dict[str, int]:
+    return {"num_heads": count, "num_head_channels": -1}
+
+
+def _spec(name: str, unet: dict[str, Any], heads: dict[str, int], latent_side: int, pooled_dim: int | None = None):
+    """A model of ComfyUI UNet config ``unet``: SDXL when it takes a pooled text vector, else SD1.5."""
+    family = "SD15" if pooled_dim is None else "SDXL"
+    return ModelSpec(name, family, unet, heads, unet["context_dim"], pooled_dim, latent_side)
+
+
+SDXL_UNET = ldm_unet_config(
+    320, [1, 2, 4], [0, 2, 10], context_dim=2048, res_blocks=2, middle_depth=10, linear=True, adm_in_channels=2816
+)
+
 MODELS: dict[str, ModelSpec] = {
-    "tiny": ModelSpec(
-        "tiny",
-        "SD15",
-        {
-            **SD15_BASE,
-            "model_channels": 32,
-            "channel_mult": [1, 2],
-            "num_res_blocks": [1, 1],
-            "transformer_depth": [1, 1],
-            "transformer_depth_output": [1, 1, 1, 1],
-            "transformer_depth_middle": 1,
-            "context_dim": 32,
-            "use_linear_in_transformer": False,
-        },
-        {"num_heads": 4, "num_head_channels": -1},
-        context_dim=32,
-        pooled_dim=None,
-        latent_side=32,
-    ),
-    "sd1-width": ModelSpec(
-        "sd1-width",
-        "SD15",
-        {
-            **SD15_BASE,
-            "model_channels": 320,
-            "channel_mult": [1],
-            "num_res_blocks": [1],
-            "transformer_depth": [1],
-            "transformer_depth_output": [1, 1],
-            "transformer_depth_middle": 1,
-            "context_dim": 768,
-            "use_linear_in_transformer": False,
-        },
-        {"num_heads": 8, "num_head_channels": -1},
-        context_dim=768,
-        pooled_dim=None,
-        latent_side=32,
-    ),
-    "sd15": ModelSpec(
-        "sd15",
-        "SD15",
-        {
-            **SD15_BASE,
-            "model_channels": 320,
-            "channel_mult": [1, 2, 4, 4],
-            "num_res_blocks": [2, 2, 2, 2],
-            "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-            "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-            "transformer_depth_middle": 1,
-            "context_dim": 768,
-            "use_linear_in_transformer": False,
-        },
-        {"num_heads": 8, "num_head_channels": -1},
-        context_dim=768,
-        pooled_dim=None,
-        latent_side=64,
-    ),
-    "sdxl": ModelSpec(
-        "sdxl",
-        "SDXL",
-        {
-            **SD15_BASE,
-            "num_classes": "sequential",
-            "adm_in_channels": 2816,
-            "model_channels": 320,
-            "num_res_blocks": [2, 2, 2],
-            "transformer_depth": [0, 0, 2, 2, 10, 10],
-            "channel_mult": [1, 2, 4],
-            "transformer_depth_middle": 10,
-            "use_linear_in_transformer": True,
-            "context_dim": 2048,
-            "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-        },
-        {"num_heads": -1, "num_head_channels": 64},
-        context_dim=2048,
-        pooled_dim=1280,
-        latent_side=128,
-    ),
+    spec.name: spec
+    for spec in (
+        _spec("tiny", ldm_unet_config(32, [1, 2], [1, 1], context_dim=32), _heads(4), latent_side=32),
+        _spec("sd1-width", ldm_unet_config(320, [1], [1], context_dim=768), _heads(8), latent_side=32),
+        _spec("sd15", ldm_unet_config(320, [1, 2, 4, 4], [1, 1, 1, 0], context_dim=768, res_blocks=2), _heads(8), 64),
+        _spec("sdxl", SDXL_UNET, {"num_heads": -1, "num_head_channels": 64}, latent_side=128, pooled_dim=1280),
+    )
 }
 
 

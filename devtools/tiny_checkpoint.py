@@ -12,8 +12,9 @@ Run inside ComfyUI's environment: ``PYTHONPATH=<ComfyUI>:<torchvision stub> pyth
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import sys
+import types
 from pathlib import Path
 
 from comfy.cli_args import args
@@ -29,13 +30,13 @@ from safetensors.torch import save_file  # noqa: E402
 
 
 def _tiny_models():
-    """``tiny_models.py`` beside this file, loaded by path: importing ``comfyui_lora2.devtools`` would import
-    the pack's ``__init__``, which registers the nodes whenever ComfyUI is importable (it is, here)."""
-    spec = importlib.util.spec_from_file_location("_lora2_tiny_models", Path(__file__).with_name("tiny_models.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
+    """``tiny_models.py`` beside this file, from a bare package over this folder: importing
+    ``comfyui_lora2.devtools`` would import the pack's ``__init__``, which registers the nodes whenever
+    ComfyUI is importable (it is, here). The package lets its relative imports (``.unet_configs``) resolve."""
+    package = types.ModuleType("_lora2_devtools")
+    package.__path__ = [str(Path(__file__).parent)]
+    sys.modules[package.__name__] = package
+    return importlib.import_module("_lora2_devtools.tiny_models")
 
 
 _shapes = _tiny_models()

@@ -36,38 +36,17 @@ import comfy.supported_models
 import comfy.taesd.taesd
 import torch
 
+from .unet_configs import ldm_unet_config
+
 CONTEXT_DIM = 32
 POOLED_DIM = 32
 SDXL_ADM_CHANNELS = POOLED_DIM + 6 * 256
 
-SD15_UNET_CONFIG: dict[str, Any] = {
-    "use_checkpoint": False,
-    "image_size": 32,
-    "in_channels": 4,
-    "out_channels": 4,
-    "model_channels": 32,
-    "channel_mult": [1, 2],
-    "num_res_blocks": [1, 1],
-    "transformer_depth": [1, 1],
-    "transformer_depth_output": [1, 1, 1, 1],
-    "transformer_depth_middle": 1,
-    "context_dim": CONTEXT_DIM,
-    "use_spatial_transformer": True,
-    "legacy": False,
-    "use_linear_in_transformer": False,
-    "adm_in_channels": None,
-    "use_temporal_attention": False,
-    "use_temporal_resblock": False,
-}
+SD15_UNET_CONFIG: dict[str, Any] = ldm_unet_config(32, [1, 2], [1, 1], context_dim=CONTEXT_DIM)
 
-SDXL_UNET_CONFIG: dict[str, Any] = {
-    **SD15_UNET_CONFIG,
-    "transformer_depth": [0, 1],  # like SDXL, no attention at the highest resolution
-    "transformer_depth_output": [0, 0, 1, 1],
-    "use_linear_in_transformer": True,
-    "num_classes": "sequential",
-    "adm_in_channels": SDXL_ADM_CHANNELS,
-}
+SDXL_UNET_CONFIG: dict[str, Any] = ldm_unet_config(
+    32, [1, 2], [0, 1], context_dim=CONTEXT_DIM, linear=True, adm_in_channels=SDXL_ADM_CHANNELS
+)  # like SDXL, no attention at the highest resolution
 
 FLUX_CONFIG: dict[str, Any] = {
     "image_model": "flux",

@@ -75,3 +75,43 @@ def sdxl_unet_config(
         "addition_time_embed_dim": time_embed_dim,
         "projection_class_embeddings_input_dim": pooled_dim + 6 * time_embed_dim,
     }
+
+
+def ldm_unet_config(
+    model_channels: int,
+    channel_mult: list[int],
+    depths: list[int],
+    *,
+    context_dim: int,
+    res_blocks: int = 1,
+    middle_depth: int = 1,
+    linear: bool = False,
+    adm_in_channels: int | None = None,
+) -> dict[str, Any]:
+    """ComfyUI's ``UNetModel`` config (``comfy.supported_models``' ``unet_config``, the original LDM layout).
+
+    ``depths[i]`` transformer layers in each of the ``res_blocks`` input blocks of level ``i`` (highest
+    resolution first) and in its ``res_blocks + 1`` output blocks; ``middle_depth`` in the middle block.
+    ``adm_in_channels`` set makes it SDXL's: a ``y`` vector (pooled text and size embeddings) is added to
+    the time embedding. Head counts are the family's ``unet_extra_config``, not here.
+    """
+    return {
+        "use_checkpoint": False,
+        "image_size": 32,
+        "in_channels": 4,
+        "out_channels": 4,
+        "model_channels": model_channels,
+        "channel_mult": list(channel_mult),
+        "num_res_blocks": [res_blocks] * len(channel_mult),
+        "transformer_depth": [d for d in depths for _ in range(res_blocks)],
+        "transformer_depth_output": [d for d in depths for _ in range(res_blocks + 1)],
+        "transformer_depth_middle": middle_depth,
+        "context_dim": context_dim,
+        "use_spatial_transformer": True,
+        "legacy": False,
+        "use_linear_in_transformer": linear,
+        "adm_in_channels": adm_in_channels,
+        "use_temporal_attention": False,
+        "use_temporal_resblock": False,
+        **({"num_classes": "sequential"} if adm_in_channels is not None else {}),
+    }
