@@ -187,23 +187,28 @@ def training_target(model: LocalModel, batches: Callable) -> TrainingTarget:
     )
 
 
+def render(model: LocalModel, prompt: str, steps: int, width: int, height: int, cfg: float, seed: int) -> list:
+    """The pipeline's PIL images for ``prompt``, drawn from a fresh generator seeded ``seed`` on the model's device."""
+    generator = torch.Generator(model.device).manual_seed(seed)
+    output = model.pipeline(
+        prompt,
+        num_inference_steps=steps,
+        guidance_scale=cfg,
+        width=width,
+        height=height,
+        generator=generator,
+        output_type="pil",
+    )
+    return output.images
+
+
 def sampler(model: LocalModel, prompts: list[str], steps: int, width: int, height: int, cfg: float, seed: int):
     """A validation sampler: one image per prompt, same seed every round, adapters as attached now."""
 
     def sample() -> list:
         images = []
         for prompt in prompts:
-            generator = torch.Generator(model.device).manual_seed(seed)
-            output = model.pipeline(
-                prompt,
-                num_inference_steps=steps,
-                guidance_scale=cfg,
-                width=width,
-                height=height,
-                generator=generator,
-                output_type="pil",
-            )
-            images.extend(output.images)
+            images.extend(render(model, prompt, steps, width, height, cfg, seed))
         return images
 
     return sample
@@ -242,16 +247,6 @@ def generate(model: LocalModel, prompts: list[str], per_prompt: int, steps: int,
     images, labels = [], []
     for prompt in prompts:
         for index in range(per_prompt):
-            generator = torch.Generator(model.device).manual_seed(seed + index)
-            output = model.pipeline(
-                prompt,
-                num_inference_steps=steps,
-                guidance_scale=cfg,
-                width=size,
-                height=size,
-                generator=generator,
-                output_type="pil",
-            )
-            images.extend(output.images)
+            images.extend(render(model, prompt, steps, size, size, cfg, seed + index))
             labels.append(prompt)
     return images, labels
