@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .tiny_models import FAMILIES, tiny_vae
+from .tiny_models import FAMILIES, TinyFamily, tiny_vae
 
 CATEGORY = "_tests"
 OBJECT_TYPES = ("MODEL", "VAE", "CLIP", "CONDITIONING", "LATENT", "IMAGE", "MASK", "LORA2_ADAPTER", "LORA2_HISTORY")
@@ -43,61 +43,57 @@ def put_object(key: str, value: Any) -> str:
     return key
 
 
-class TestTinyModel:
+class _FamilyNode:
+    """A node that builds one seeded object for a tiny family: ``make(family, seed, **extra inputs)``."""
+
+    __test__ = False  # not a pytest test class despite the name
+    CATEGORY = CATEGORY
+    FUNCTION = "build"
+    EXTRA_INPUTS: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        seed = ("INT", {"default": 0, "min": 0, "max": 2**31})
+        return {"required": {"family": (list(FAMILIES),), "seed": seed, **cls.EXTRA_INPUTS}}
+
+    def build(self, family: str, seed: int, **extra: Any) -> tuple[Any]:
+        with torch.inference_mode(False):
+            return (self.make(FAMILIES[family], seed, **extra),)
+
+    @staticmethod
+    def make(family: TinyFamily, seed: int, **extra: Any) -> Any:
+        raise NotImplementedError
+
+
+class TestTinyModel(_FamilyNode):
     """MODEL: a seeded tiny SD1.5 / SDXL / Flux model (see ``tiny_models`` for the shapes)."""
 
-    __test__ = False  # not a pytest test class despite the name
-    CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
-    FUNCTION = "build"
 
-    @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {"required": {"family": (list(FAMILIES),), "seed": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
-
-    def build(self, family: str, seed: int) -> tuple[Any]:
-        with torch.inference_mode(False):
-            return (FAMILIES[family].model(seed),)
+    @staticmethod
+    def make(family: TinyFamily, seed: int) -> Any:
+        return family.model(seed)
 
 
-class TestTinyVAE:
+class TestTinyVAE(_FamilyNode):
     """VAE: a seeded random TAESD for the family's latent channels (4, or 16 for Flux)."""
 
-    __test__ = False  # not a pytest test class despite the name
-    CATEGORY = CATEGORY
     RETURN_TYPES = ("VAE",)
-    FUNCTION = "build"
 
-    @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {"required": {"family": (list(FAMILIES),), "seed": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
-
-    def build(self, family: str, seed: int) -> tuple[Any]:
-        with torch.inference_mode(False):
-            return (tiny_vae(FAMILIES[family].latent_channels, seed),)
+    @staticmethod
+    def make(family: TinyFamily, seed: int) -> Any:
+        return tiny_vae(family.latent_channels, seed)
 
 
-class TestRandomConditioning:
+class TestRandomConditioning(_FamilyNode):
     """CONDITIONING: random embeddings with the extras the family needs (pooled output, guidance)."""
 
-    __test__ = False  # not a pytest test class despite the name
-    CATEGORY = CATEGORY
     RETURN_TYPES = ("CONDITIONING",)
-    FUNCTION = "build"
+    EXTRA_INPUTS: ClassVar[dict[str, Any]] = {"batch": ("INT", {"default": 1, "min": 1, "max": 64})}
 
-    @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {
-            "required": {
-                "family": (list(FAMILIES),),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
-                "batch": ("INT", {"default": 1, "min": 1, "max": 64}),
-            }
-        }
-
-    def build(self, family: str, seed: int, batch: int) -> tuple[Any]:
-        with torch.inference_mode(False):
-            return (FAMILIES[family].conditioning(seed=seed, batch=batch),)
+    @staticmethod
+    def make(family: TinyFamily, seed: int, batch: int) -> Any:
+        return family.conditioning(seed=seed, batch=batch)
 
 
 class TestCapture:
