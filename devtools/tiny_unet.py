@@ -13,6 +13,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from ..lora2.noise import DDPMRule
+from ..lora2.run import TrainingTarget
 from .unet_configs import sd15_unet_config
 
 CONFIG = sd15_unet_config((16, 32), (True, False), cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8)
@@ -49,3 +50,17 @@ def denoiser_for(unet: UNet2DConditionModel):
 
 
 RULE = DDPMRule(DDPMScheduler(num_train_timesteps=1000).alphas_cumprod)
+
+
+def training_target(seed: int = 0) -> TrainingTarget:
+    """A fresh :func:`tiny_unet` and the toy data of ``seed`` as ``lora2.run``'s target: each batch is
+    ``batch_size`` latents drawn at random with the run's own generator."""
+    unet = tiny_unet()
+    latents, conditioning, _ = data(seed)
+
+    def batches(batch_size: int, generator: torch.Generator):
+        while True:
+            pick = torch.randperm(len(latents), generator=generator)[:batch_size]
+            yield Batch(latents[pick], {"cross_attn": conditioning[pick]})
+
+    return TrainingTarget(module=unet, denoiser=denoiser_for(unet), rule=RULE, batches=batches)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from comfyui_lora2.devtools.tiny_unet import RULE, Batch, data, denoiser_for, tiny_unet
+from comfyui_lora2.devtools.tiny_unet import data, training_target
 from comfyui_lora2.lora2 import LoRA2Config, LoRA2Error
 from comfyui_lora2.lora2.heatmap_charts import VALIDATION_MARK, render_history
-from comfyui_lora2.lora2.run import RunHooks, TrainingTarget, train_run
+from comfyui_lora2.lora2.run import RunHooks, train_run
 from comfyui_lora2.lora2.train import TrainConfig
 from comfyui_lora2.lora2.validation import (
     ValidationConfig,
@@ -114,15 +114,8 @@ def test_preserved_rng_puts_every_generator_back() -> None:
 def _train(with_validation: bool, tmp_path: Path, steps: int = 24):
     """A tiny diffusers UNet run through ``train_run``; with validation, a sampler that disturbs every RNG
     it can reach and runs the adapted model forward, at steps 0, 8, 16 and 24."""
-    unet = tiny_unet()
-    latents, conditioning, _ = data()
-
-    def batches(batch_size: int, generator: torch.Generator):
-        while True:
-            pick = torch.randperm(len(latents), generator=generator)[:batch_size]
-            yield Batch(latents[pick], {"cross_attn": conditioning[pick]})
-
-    target = TrainingTarget(module=unet, denoiser=denoiser_for(unet), rule=RULE, batches=batches)
+    target = training_target()
+    unet, conditioning = target.module, data()[1]
     lora2 = LoRA2Config(targets="attn", init_rank=2, max_rank=16, prior_strength=1e-4)
     train = TrainConfig(steps=steps, batch_size=2, lr=3e-3, nu_lr=0.1, dtype="float32", seed=0, eval_every=6)
     drawn, live = [], {}
@@ -186,15 +179,7 @@ def test_history_panel_marks_the_validation_steps() -> None:
 
 
 def test_a_resumed_run_samples_where_it_resumed_and_keeps_the_earlier_steps(tmp_path: Path) -> None:
-    unet = tiny_unet()
-    latents, conditioning, _ = data()
-
-    def batches(batch_size: int, generator: torch.Generator):
-        while True:
-            pick = torch.randperm(len(latents), generator=generator)[:batch_size]
-            yield Batch(latents[pick], {"cross_attn": conditioning[pick]})
-
-    target = TrainingTarget(module=unet, denoiser=denoiser_for(unet), rule=RULE, batches=batches)
+    target = training_target()
     lora2 = LoRA2Config(targets="attn", init_rank=2, max_rank=8)
     train = TrainConfig(steps=10, batch_size=2, lr=3e-3, dtype="float32")
 
