@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup host browser demo serve bench test lint clean
+.PHONY: setup host browser demo serve bench test lint clean workflows docs
 
 setup: $(VENV)/.installed
 
@@ -46,6 +46,14 @@ browser:
 			|| echo "browser: npm ci failed, tests/test_browser.py will skip"; \
 		else echo "browser: npm not found, tests/test_browser.py will skip"; fi; \
 	fi
+
+# example_workflows/ (UI JSON, API twins, thumbnails) rebuilt in the real frontend from devtools/browser/workflow_specs.mjs.
+workflows: host browser
+	$(BIN)/python -m comfyui_lora2.devtools.build_workflows
+
+# web/docs/<node id>.md, the nodes' help pages, rendered from their declarations.
+docs: host
+	$(BIN)/python -m comfyui_lora2.devtools.help_pages
 
 lint: setup
 	$(BIN)/ruff check .
