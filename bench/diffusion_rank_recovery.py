@@ -72,20 +72,20 @@ import itertools
 import json
 import math
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..lora2 import LoRA2Handle, attach
+from ..lora2 import LoRA2Handle
 from ..lora2.errors import LoRA2Error
 from ..lora2.noise import DDPMRule, Prepared
 from ..lora2.targets import select_targets
-from ..lora2.train import Trainer
-from .image_data import ImageSet, base_model, batch_stream, caption_embeddings, load_images, make_batch
+from .image_data import ImageSet, base_model, caption_embeddings, load_images, make_batch
+from .methods import Method, Trained
+from .methods import train_method as train_adapter
 from .rank_recovery import spearman
 from .settings import (
     Overrides,
@@ -94,7 +94,6 @@ from .settings import (
     method_progress,
     parse_settings,
     parse_training_bench_args,
-    train_config,
 )
 from .tiny_diffusion import MODELS, Family, family
 
@@ -327,22 +326,6 @@ def sample_teacher(teacher: nn.Module, fam: Family, pool: ImageSet, seed: int) -
     return ImageSet(x, subjects, pool.names, "teacher_samples")
 
 
-@dataclass
-class Method:
-    """One student: a name and its adapter config."""
-
-    name: str
-    config: Any
-
-
-@dataclass
-class Trained:
-    handle: LoRA2Handle
-    model: nn.Module
-    seconds: float
-    losses: list[float] = field(default_factory=list)
-
-
 def train_method(
     method: Method,
     base: nn.Module,
@@ -353,20 +336,15 @@ def train_method(
     train_settings: dict[str, Any],
     progress: Callable[[str], None] | None = None,
 ) -> Trained:
-    """Attach ``method`` to a copy of ``base`` and train it with the Trainer; returns it trained."""
-    started = time.perf_counter()
-    model = copy.deepcopy(base)
-    handle = attach(model, method.config)
-    config = train_config(train_settings)
-    rule = fam.rule()
-    if mode == "targets":
-        denoiser, rule = residual_denoiser(fam.denoiser(model), fam.denoiser(teacher)), ZeroTarget(rule)
-    else:
-        denoiser = fam.denoiser(model)
-    batches = batch_stream(data, fam, config.batch_size, config.seed)
-    on_step = (lambda report: progress(method.name)) if progress is not None else None
-    result = Trainer(denoiser, rule, batches, handle, config, on_step=on_step).run()
-    return Trained(handle, model, time.perf_counter() - started, result.history.loss)
+    """Attach ``method`` to a copy of ``base`` and train it with the Trainer; returns it trained.
+
+    ``targets`` mode: the loss is the student's residual against the teacher on the same noisy input."""
+
+    def against_teacher(denoiser: Callable, rule: Any) -> tuple[Callable, ZeroTarget]:
+        return residual_denoiser(denoiser, fam.denoiser(teacher)), ZeroTarget(rule)
+
+    objective = against_teacher if mode == "targets" else None
+    return train_adapter(method, base, fam, data, train_settings, progress, objective)
 
 
 # ----------------------------------------------------------------- evaluation

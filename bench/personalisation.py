@@ -38,11 +38,8 @@ Run: ``python -m comfyui_lora2.bench.personalisation --model sd15 --subject dog 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,29 +47,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..lora2 import attach
 from ..lora2.errors import LoRA2Error
 from ..lora2.noise import DDPMRule
-from ..lora2.train import Trainer, adapter_megabytes
-from .diffusion_rank_recovery import Method, Trained, eval_timesteps, noised
+from ..lora2.train import adapter_megabytes
+from .diffusion_rank_recovery import eval_timesteps, noised
 from .image_data import (
     PRETRAIN_STEPS,
     ImageSet,
     base_model,
-    batch_stream,
     load_images,
     make_batch,
     photo_dir,
     photo_files,
 )
+from .methods import Method, train_method
 from .settings import (
     Overrides,
     add_set_argument,
     lora2_config,
-    method_progress,
     parse_settings,
-    parse_training_bench_args,
-    train_config,
+    run_training_bench,
 )
 from .tiny_diffusion import MODELS, Family, family
 
@@ -191,25 +185,6 @@ def methods_for(seed: int, overrides: Overrides, fixed: tuple[int, ...]) -> list
         config = lora2_config(seed=seed, dtype="float32", adaptive=False, init_rank=rank, max_rank=rank)
         methods.append(Method(f"lora_r{rank}", config))
     return methods
-
-
-def train_method(
-    method: Method,
-    base: nn.Module,
-    fam: Family,
-    images: ImageSet,
-    train_settings: dict[str, Any],
-    progress: Callable[[str], None] | None = None,
-) -> Trained:
-    """Attach ``method`` to a copy of ``base`` and train it on ``images`` with the ordinary Trainer."""
-    started = time.perf_counter()
-    model = copy.deepcopy(base)
-    handle = attach(model, method.config)
-    config = train_config(train_settings)
-    batches = batch_stream(images, fam, config.batch_size, config.seed)
-    on_step = (lambda report: progress(method.name)) if progress is not None else None
-    result = Trainer(fam.denoiser(model), fam.rule(), batches, handle, config, on_step=on_step).run()
-    return Trained(handle, model, time.perf_counter() - started, result.history.loss)
 
 
 def rank_spread(ranks: dict[str, int]) -> tuple[float, float]:
@@ -364,30 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = build_parser()
-    args, fixed, overrides = parse_training_bench_args(parser, argv)
-    bar, update = method_progress(args.steps * len(methods_for(args.seed, overrides, fixed)))
-    log = lambda message: print(message, file=sys.stderr)  # noqa: E731
-    try:
-        results = run(
-            args.model,
-            args.subject,
-            args.steps,
-            args.seed,
-            args.base_steps,
-            fixed,
-            args.test_images,
-            overrides,
-            update,
-            log,
-        )
-    except LoRA2Error as exc:
-        bar.close()
-        parser.error(str(exc))
-    bar.close()
-    print(format_table(results))
-    print(json_line(results))
-    return results
+    def total_steps(args: argparse.Namespace, fixed: tuple[int, ...], overrides: Overrides) -> int:
+        return args.steps * len(methods_for(args.seed, overrides, fixed))
+
+    def run_from(args: argparse.Namespace, fixed: tuple[int, ...], overrides: Overrides, update, log) -> dict:
+        pick = (args.model, args.subject, args.steps, args.seed, args.base_steps, fixed, args.test_images)
+        return run(*pick, overrides, update, log)
+
+    return run_training_bench(build_parser(), argv, total_steps, run_from, format_table, json_line)
 
 
 if __name__ == "__main__":

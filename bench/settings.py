@@ -132,3 +132,30 @@ def parse_training_bench_args(
         return args, parse_fixed(args.fixed), parse_settings(args.settings)
     except LoRA2Error as exc:
         parser.error(str(exc))
+
+
+def run_training_bench(
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    total_steps: Callable[[argparse.Namespace, tuple[int, ...], Overrides], int],
+    run: Callable[..., dict],
+    format_table: Callable[[dict], str],
+    json_line: Callable[[dict], str],
+) -> dict:
+    """A training benchmark's ``main``: the checked flags (:func:`parse_training_bench_args`), a progress bar
+    over ``total_steps(args, fixed, overrides)`` steps, ``run(args, fixed, overrides, update, log)`` (``log``
+    writes to stderr), then the table and, as the last line, the JSON record; returns the results.
+
+    A :class:`LoRA2Error` from ``run`` (an input found wrong while running) ends as a usage error naming it.
+    """
+    args, fixed, overrides = parse_training_bench_args(parser, argv)
+    bar, update = method_progress(total_steps(args, fixed, overrides))
+    try:
+        results = run(args, fixed, overrides, update, lambda message: print(message, file=sys.stderr))
+    except LoRA2Error as exc:
+        bar.close()
+        parser.error(str(exc))
+    bar.close()
+    print(format_table(results))
+    print(json_line(results))
+    return results

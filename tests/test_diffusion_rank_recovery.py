@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from comfyui_lora2.bench import diffusion_rank_recovery as bench
-from comfyui_lora2.bench.image_data import encode, load_images, synthetic_images
+from comfyui_lora2.bench.image_data import batch_stream, encode, load_images, synthetic_images
 from comfyui_lora2.bench.settings import parse_settings, train_config
 from comfyui_lora2.bench.tiny_diffusion import MODELS, build_model, family
 from comfyui_lora2.lora2 import attach
@@ -159,7 +159,7 @@ def test_the_residual_loss_is_the_student_teacher_gap(sd15) -> None:
     student = build_model("sd15", 0)
     handle = attach(student, bench.methods_for("attn", 0, parse_settings([]), ())[0].config)
     images = load_images(fam, 0)
-    batch = next(bench.batch_stream(images, fam, 2, 0))
+    batch = next(batch_stream(images, fam, 2, 0))
     rule = bench.ZeroTarget(fam.rule())
     denoiser = bench.residual_denoiser(fam.denoiser(student), fam.denoiser(teacher))
     trainer = Trainer(denoiser, rule, iter([batch]), handle, train_config(steps=1, dtype="float32"))
