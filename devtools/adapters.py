@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..lora2 import select_targets
+from ..lora2 import LoRA2Handle, attach, select_targets
 from ..lora2.adapter import Adapter, Component
 
 
@@ -23,3 +23,13 @@ def random_adapter(diffusion_model: torch.nn.Module, family: str, seed: int = 0)
         down = torch.randn(rank, in_features, generator=generator) * 0.2
         components[name] = Component(up=up, down=down)
     return Adapter(components=components, base_model=family, steps=1)
+
+
+def attach_nonzero(model: torch.nn.Module, **config) -> LoRA2Handle:
+    """``attach(model, **config)`` with every ``up`` factor drawn from N(0, 1) (global RNG): ``attach``
+    starts ``up`` at zero, so ΔW and the gradient reaching ``down`` are zero until this."""
+    handle = attach(model, **config)
+    with torch.no_grad():
+        for component in handle.components.values():
+            component.up.normal_()
+    return handle

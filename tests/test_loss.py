@@ -10,6 +10,7 @@ import torch
 from diffusers import DDPMScheduler
 from torch import nn
 
+from comfyui_lora2.devtools.adapters import attach_nonzero
 from comfyui_lora2.lora2 import attach
 from comfyui_lora2.lora2.noise import DDPMRule, DenoisedRule, FlowRule
 from comfyui_lora2.lora2.train import TrainConfig, Trainer
@@ -149,10 +150,7 @@ class Steep(nn.Module):
 def test_gradient_clipping_bounds_the_first_sgd_step(max_grad_norm: float) -> None:
     torch.manual_seed(0)
     model = Steep().requires_grad_(False)
-    handle = attach(model, targets=r"^proj$", init_rank=3)
-    with torch.no_grad():
-        for component in handle.components.values():
-            component.up.normal_()
+    handle = attach_nonzero(model, targets=r"^proj$", init_rank=3)
     rule = DenoisedRule(lambda u: 0.5 + u, lambda s, n, x: x + per_sample(s) * n, "x0")
     x0 = torch.randn(SHAPE)
 

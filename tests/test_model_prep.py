@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from comfyui_lora2.devtools.adapters import attach_nonzero
 from comfyui_lora2.lora2 import LoRA2Error, attach
 from comfyui_lora2.lora2.fingerprint import fingerprint
 from comfyui_lora2.lora2.model_prep import inplace_safe_norms, make_trainable, ordinary_tensors
@@ -47,10 +48,7 @@ def test_make_trainable_turns_inference_weights_into_frozen_ordinary_ones() -> N
 def test_inplace_safe_norms_lets_backward_through_inplace_residuals_and_removes_its_hooks() -> None:
     torch.manual_seed(0)
     block = Residual().requires_grad_(False)
-    handle = attach(block, targets=r"^proj_in$", init_rank=2)
-    with torch.no_grad():
-        for component in handle.components.values():
-            component.up.normal_()
+    handle = attach_nonzero(block, targets=r"^proj_in$", init_rank=2)
     x = torch.randn(2, 8)
     with pytest.raises(RuntimeError, match="inplace"):
         block(x).sum().backward()
