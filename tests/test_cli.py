@@ -66,14 +66,20 @@ def test_no_flags_keep_every_dataclass_default() -> None:
     assert dataclasses.replace(configs.options, model="", data="", output="") == RunOptions()
 
 
+def config_file(tmp_path: Path, text: str, name: str = "run.toml") -> str:
+    """``text`` written to ``tmp_path/name`` as UTF-8; its path, for ``--config``."""
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
 def test_toml_sits_between_defaults_and_flags(tmp_path: Path) -> None:
-    config = tmp_path / "run.toml"
-    config.write_text(
+    config = config_file(
+        tmp_path,
         'model = "from-toml"\ndata = "d"\noutput = "o"\nsteps = 7\ninit_rank = 8\nlr = 1\nflip = true\n'
         'validate_prompts = ["a, b", "c"]\nmodule_types = ["linear"]\nadapter_dtype = "bfloat16"\nseed = 3\n',
-        encoding="utf-8",
     )
-    configs = parse(["--config", str(config), "--steps", "9", "--no-flip", "--augment-seed", "5"])
+    configs = parse(["--config", config, "--steps", "9", "--no-flip", "--augment-seed", "5"])
     assert configs.options.model == "from-toml"
     assert (configs.train.steps, configs.lora2.init_rank, configs.train.lr) == (9, 8, 1.0)
     assert configs.dataset.flip is False and configs.dataset.seed == 5
@@ -88,10 +94,9 @@ def test_toml_sits_between_defaults_and_flags(tmp_path: Path) -> None:
     [("stepz = 3\n", "stepz"), ('steps = "3"\n', "steps"), ("lr = true\n", "lr"), ("steps = [\n", "not valid TOML")],
 )
 def test_bad_config_files_are_named(tmp_path: Path, text: str, named: str) -> None:
-    config = tmp_path / "run.toml"
-    config.write_text(text, encoding="utf-8")
+    config = config_file(tmp_path, text)
     with pytest.raises(LoRA2Error, match=named):
-        parse(["--config", str(config), *REQUIRED])
+        parse(["--config", config, *REQUIRED])
 
 
 def test_bad_values_are_a_lora2error_and_exit_status_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -124,13 +129,13 @@ def test_static_split_gives_every_job_to_exactly_one_process() -> None:
 
 
 def test_sweep_subjects_from_flags_and_toml_tables(tmp_path: Path) -> None:
-    config = tmp_path / "sweep.toml"
-    config.write_text(
+    config = config_file(
+        tmp_path,
         'model = "m"\noutput = "o"\nmethods = ["lora2", "r16"]\nseeds = [0, 1]\n'
         '[[subjects]]\nname = "cat"\ndata = "cats"\ntrigger = "zwx cat"\n',
-        encoding="utf-8",
+        "sweep.toml",
     )
-    base, sweep, subjects, validate = parse_sweep(["--config", str(config), "--subjects", "dog=dogs"])
+    base, sweep, subjects, validate = parse_sweep(["--config", config, "--subjects", "dog=dogs"])
     assert [s.name for s in subjects] == ["dog", "cat"] and subjects[1].trigger == "zwx cat"
     assert sweep == SweepConfig(subjects=("dog=dogs",), methods=("lora2", "r16"), seeds=(0, 1))
     assert validate is False and base.options.validate is False  # sweeps opt in to validation grids
