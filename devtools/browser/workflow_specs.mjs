@@ -93,14 +93,16 @@ const subjectDataset = () => ({
 });
 const heatmap = (title) => ({ type: 'LoRA2Heatmap', title, size: [420, 400] });
 
+// Links from the checkpoint loader (node 'ckpt') to the inputs of node `to` named like its outputs.
+const CHECKPOINT_OUTPUTS = { model: 'MODEL', clip: 'CLIP', vae: 'VAE' };
+const fromCheckpoint = (to, ...inputs) => inputs.map((input) => ['ckpt', CHECKPOINT_OUTPUTS[input], to, input]);
+
 // Train with validation samples, then the heatmap: the core of workflows 1 and 4.
 const TRAIN_LINKS = [
-  ['ckpt', 'VAE', 'dataset', 'vae'],
-  ['ckpt', 'CLIP', 'dataset', 'clip'],
-  ['ckpt', 'MODEL', 'train', 'model'],
+  ...fromCheckpoint('dataset', 'vae', 'clip'),
+  ...fromCheckpoint('train', 'model'),
   ['dataset', 'LORA2_DATASET', 'train', 'dataset'],
-  ['ckpt', 'CLIP', 'validation', 'clip'],
-  ['ckpt', 'VAE', 'validation', 'vae'],
+  ...fromCheckpoint('validation', 'clip', 'vae'),
   ['validation', 'LORA2_VALIDATION', 'train', 'validation'],
   ['train', 'LORA2_ADAPTER', 'heatmap', 'adapter'],
   ['train', 'LORA2_HISTORY', 'heatmap', 'history'],
@@ -118,7 +120,7 @@ const compareNodes = (sides) => ({
     sides.map((s) => [`preview_${s.key}`, { type: 'PreviewImage', title: s.preview, size: [260, 250] }]),
   ),
 });
-const promptLinks = ['positive', 'negative'].map((key) => ['ckpt', 'CLIP', key, 'clip']);
+const promptLinks = [...fromCheckpoint('positive', 'clip'), ...fromCheckpoint('negative', 'clip')];
 const samplerInputLinks = (sampler) => [
   ['positive', 'CONDITIONING', sampler, 'positive'],
   ['negative', 'CONDITIONING', sampler, 'negative'],
@@ -127,7 +129,7 @@ const samplerInputLinks = (sampler) => [
 const decodeLinks = (keys) =>
   keys.flatMap((key) => [
     [`sample_${key}`, 'LATENT', `decode_${key}`, 'samples'],
-    ['ckpt', 'VAE', `decode_${key}`, 'vae'],
+    ...fromCheckpoint(`decode_${key}`, 'vae'),
   ]);
 const previewLinks = (keys) => keys.map((key) => [`decode_${key}`, 'IMAGE', `preview_${key}`, 'images']);
 
@@ -197,11 +199,11 @@ const trainAndInspect = {
     ...TRAIN_LINKS,
     ['train', 'LORA2_ADAPTER', 'prune', 'adapter'],
     ['prune', 'LORA2_ADAPTER', 'save_pruned', 'adapter'],
-    ['ckpt', 'MODEL', 'save_pruned', 'model'],
+    ...fromCheckpoint('save_pruned', 'model'),
     ['train', 'LORA2_ADAPTER', 'save', 'adapter'],
-    ['ckpt', 'MODEL', 'save', 'model'],
+    ...fromCheckpoint('save', 'model'),
     ...promptLinks,
-    ['ckpt', 'MODEL', 'sample_base', 'model'],
+    ...fromCheckpoint('sample_base', 'model'),
     ...samplerInputLinks('sample_base'),
     ['train', 'MODEL', 'sample_lora', 'model'],
     ...samplerInputLinks('sample_lora'),
@@ -292,9 +294,9 @@ const apply = {
     ]),
   },
   links: [
-    ['ckpt', 'MODEL', 'apply', 'model'],
+    ...fromCheckpoint('apply', 'model'),
     ['adapter', 'LORA2_ADAPTER', 'apply', 'adapter'],
-    ['ckpt', 'MODEL', 'stock', 'model'],
+    ...fromCheckpoint('stock', 'model'),
     ...promptLinks,
     ['apply', 'MODEL', 'sample_apply', 'model'],
     ['stock', 'MODEL', 'sample_stock', 'model'],
@@ -357,8 +359,7 @@ const validateAndEvaluate = {
   },
   links: [
     ...TRAIN_LINKS,
-    ['ckpt', 'CLIP', 'prompts', 'clip'],
-    ['ckpt', 'VAE', 'prompts', 'vae'],
+    ...fromCheckpoint('prompts', 'clip', 'vae'),
     ['train', 'MODEL', 'sample', 'model'],
     ['prompts', 'LORA2_VALIDATION', 'sample', 'prompts'],
     ['sample', 'IMAGE', 'preview_samples', 'images'],
