@@ -12,18 +12,7 @@
 
 import { createHash } from 'node:crypto';
 import path from 'node:path';
-import {
-  buildGraphInPage,
-  closeBrowser,
-  closeDialogs,
-  fitGraph,
-    launchBrowser,
-  log,
-  openComfy,
-  parseArgs,
-  prepareForScreenshot,
-  writeJson,
-} from './comfy_ui.mjs';
+import { buildGraphInPage, fitGraph, log, parseArgs, prepareForScreenshot, withComfy, writeJson } from './comfy_ui.mjs';
 import { SPECS } from './workflow_specs.mjs';
 
 /** A version-4-shaped UUID derived from a name, so a rebuild does not change the file needlessly. */
@@ -40,10 +29,7 @@ const only = args.only ? new Set(String(args.only).split(',')) : null;
 const specs = SPECS.filter((s) => !only || only.has(s.name));
 if (only && specs.length !== only.size) throw new Error(`unknown workflow in --only ${args.only}`);
 
-const browser = await launchBrowser();
-try {
-  const page = await openComfy(browser.context, url);
-  await closeDialogs(page);
+await withComfy(url, async (page) => {
   await prepareForScreenshot(page);
   for (const spec of specs) {
     const summary = await page.evaluate(buildGraphInPage, spec);
@@ -72,6 +58,4 @@ try {
   }
   // Expected on this host: 404s for the core template index and the embedded docs (packages not installed).
   for (const text of new Set(page.consoleErrors.map((e) => e.split('\n')[0].slice(0, 160)))) log(`console: ${text}`);
-} finally {
-  await closeBrowser(browser);
-}
+});

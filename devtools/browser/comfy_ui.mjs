@@ -111,6 +111,27 @@ export async function closeDialogs(page, { settle = 500 } = {}) {
 }
 
 /**
+ * A browser session on ComfyUI: launches chromium, opens the UI at `url`, closes the dialogs it opens
+ * by itself, runs `body(page)` and returns what it returns; the browser is closed whatever happens.
+ * `onError(page, error)` runs before it closes, with the page still live (`page` is undefined when the
+ * UI never opened), e.g. to take a screenshot of the failure; the error is then thrown on.
+ */
+export async function withComfy(url, body, { onError } = {}) {
+  const browser = await launchBrowser();
+  let page;
+  try {
+    page = await openComfy(browser.context, url);
+    await closeDialogs(page);
+    return await body(page);
+  } catch (error) {
+    if (onError) await onError(page, error);
+    throw error;
+  } finally {
+    await closeBrowser(browser);
+  }
+}
+
+/**
  * Builds a graph in the live app from a spec (see workflow_specs.mjs). Runs inside the page: only
  * `window.app` / `window.LiteGraph` and the spec are available there. Returns the graph's bounds and,
  * per spec key, the node's id, type and title.

@@ -10,15 +10,13 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import {
-  closeBrowser,
   closeDialogs,
   fitGraph,
-  launchBrowser,
   log,
-  openComfy,
   parseArgs,
   prepareForScreenshot,
   setWidgets,
+  withComfy,
 } from '../../devtools/browser/comfy_ui.mjs';
 
 const PACK = 'ComfyUI-LoRA2';
@@ -38,12 +36,10 @@ const mark = (name) => {
   log(name);
 };
 
-const browser = await launchBrowser();
-let page;
-try {
-  page = await openComfy(browser.context, url);
+/** What the user does, from the UI opened (withComfy closes the template browser a first start opens by
+ * itself; the user opens it from the side bar) to the result, printed as the `RESULT` line. */
+async function firstRun(page) {
   mark('app ready');
-  await closeDialogs(page); // a first start opens the template browser by itself; open it as a user would
 
   // 1. The template browser: side bar "Templates" button, then this pack's entry under "Extensions".
   await page.locator('button.templates-tab-button').click();
@@ -192,16 +188,21 @@ try {
     screenshot,
   };
   console.log(`RESULT ${JSON.stringify(result)}`);
+}
+
+/** A screenshot of the moment it failed, next to --screenshot, and the page's last console errors. */
+async function recordFailure(page) {
+  if (!page) return;
+  const failed = screenshot.replace(/(\.png)?$/, '-failed.png');
+  fs.mkdirSync(path.dirname(failed), { recursive: true });
+  await page.screenshot({ path: failed }).catch(() => {});
+  console.error(`screenshot of the failure: ${failed}`);
+  console.error(`console errors: ${JSON.stringify(page.consoleErrors.slice(-10))}`);
+}
+
+try {
+  await withComfy(url, firstRun, { onError: recordFailure });
 } catch (error) {
-  if (page) {
-    const failed = screenshot.replace(/(\.png)?$/, '-failed.png');
-    fs.mkdirSync(path.dirname(failed), { recursive: true });
-    await page.screenshot({ path: failed }).catch(() => {});
-    console.error(`screenshot of the failure: ${failed}`);
-    console.error(`console errors: ${JSON.stringify(page.consoleErrors.slice(-10))}`);
-  }
   console.error(error.stack || String(error));
   process.exitCode = 1;
-} finally {
-  await closeBrowser(browser);
 }
