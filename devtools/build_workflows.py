@@ -80,23 +80,28 @@ def apply_overrides(api_prompt: dict, overrides: dict[str, dict]) -> dict:
 
 
 def prepare_base(base: Path, tiny: dict) -> Path:
+    """A ComfyUI base directory for a tiny run (also the browser test's): the tiny checkpoint under the name
+    ``tiny`` picks, its generated subject, and a returning user (on a first start the frontend opens the
+    template browser by itself, which would only be in the way, or race with a test's own click)."""
     base = make_base(base)
     checkpoint = base / "models" / "checkpoints" / tiny["checkpoint"]
     log(f"writing the tiny checkpoint to {checkpoint}")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{COMFY_DIR}{os.pathsep}{STUBS_DIR}")
-    subprocess.run(
-        [sys.executable, str(REPO / "devtools" / "tiny_checkpoint.py"), str(checkpoint)], check=True, env=env
-    )
-    alias = checkpoint.with_name(WORKFLOW_CHECKPOINT)
-    if not alias.exists():
-        alias.symlink_to(checkpoint.name)
+    script = [sys.executable, str(REPO / "devtools" / "tiny_checkpoint.py"), str(checkpoint)]
+    subprocess.run(script, check=True, env=env, capture_output=True, timeout=120)
     subject = tiny["subject"]
     write_subject(base / "input" / subject["folder"], count=subject["count"], size=subject["size"])
-    # A returning user: the frontend's first-start template browser would only be in the way.
     settings = base / "user" / "default" / "comfy.settings.json"
     settings.parent.mkdir(parents=True, exist_ok=True)
     settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
     return base
+
+
+def link_workflow_checkpoint(base: Path, tiny: dict) -> None:
+    """The name the workflows use (a real SD1.5 file's) as a link to the tiny checkpoint, so lists hold it."""
+    alias = base / "models" / "checkpoints" / WORKFLOW_CHECKPOINT
+    if not alias.exists():
+        alias.symlink_to(tiny["checkpoint"])
 
 
 def run_builder(url: str, names: list[str]) -> None:
@@ -112,6 +117,7 @@ def build(base: Path) -> None:
     tiny = load_tiny_run()
     started = time.monotonic()
     base = prepare_base(base, tiny)
+    link_workflow_checkpoint(base, tiny)
     with running_server(base) as server:
         log(f"server at {server.url} (base {base})")
         run_builder(server.url, [FIRST])

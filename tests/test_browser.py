@@ -19,23 +19,19 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from comfyui_lora2.devtools.build_workflows import load_tiny_run, prepare_base
 from comfyui_lora2.devtools.comfy_server import running_server
 from comfyui_lora2.devtools.layout import (
-    COMFY_DIR,
     MISSING_HOST_REASON,
     PACK_LINK_NAME,
-    STUBS_DIR,
     host_available,
-    make_base,
 )
-from comfyui_lora2.devtools.subject import write_subject
 
 REPO = Path(__file__).resolve().parents[1]
 BROWSER_DIR = REPO / "tests" / "browser"
@@ -62,25 +58,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(_skip_reason() is not None, r
 
 
 def _prepare_base(base: Path) -> dict:
-    """Tiny checkpoint under the name the overrides pick, the generated subject, a returning user."""
-    tiny = json.loads((TOOLS_DIR / "tiny_run.json").read_text())
-    base = make_base(base)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{COMFY_DIR}{os.pathsep}{STUBS_DIR}")
-    checkpoint = base / "models" / "checkpoints" / tiny["checkpoint"]
-    subprocess.run(
-        [sys.executable, str(REPO / "devtools" / "tiny_checkpoint.py"), str(checkpoint)],
-        check=True,
-        env=env,
-        capture_output=True,
-        timeout=120,
-    )
-    settings = tiny["subject"]
-    write_subject(base / "input" / settings["folder"], count=settings["count"], size=settings["size"])
-    # A returning user: on a first start the frontend opens the template browser by itself, at a moment
-    # that races with the test's own click; the test opens it from the side bar as a user would.
-    user_settings = base / "user" / "default" / "comfy.settings.json"
-    user_settings.parent.mkdir(parents=True, exist_ok=True)
-    user_settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
+    """Tiny checkpoint under the name the overrides pick, the generated subject, a returning user (the test
+    opens the template browser from the side bar as a user would)."""
+    tiny = load_tiny_run()
+    prepare_base(base, tiny)
     return tiny
 
 
