@@ -74,3 +74,24 @@ def lora2_train(model: Link, dataset: Link, **overrides: Any) -> dict[str, Any]:
     }
     inputs.update(overrides)
     return {"class_type": "LoRA2Train", "inputs": inputs}
+
+
+def adapter_object(key: str) -> dict[str, Any]:
+    """A ``TestObjectLORA2_ADAPTER`` node: the adapter a test stored with ``tiny_nodes.put_object(key, ...)``."""
+    return {"class_type": "TestObjectLORA2_ADAPTER", "inputs": {"key": key}}
+
+
+def lora2_save(
+    adapter: Link,
+    filename: str,
+    *,
+    model: Link | None = None,
+    save_training_state: bool = False,
+    precision: str = "float32",
+    **overrides: Any,
+) -> dict[str, Any]:
+    """A ``LoRA2Save`` node writing ``adapter`` to ``models/loras/<filename>.safetensors``; with ``model``, the
+    file's key names are the ones that model's loaders expect."""
+    inputs = {"adapter": adapter, "filename": filename, "save_training_state": save_training_state}
+    inputs.update(precision=precision, **({"model": model} if model is not None else {}), **overrides)
+    return {"class_type": "LoRA2Save", "inputs": inputs}

@@ -10,16 +10,14 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from comfyui_lora2.devtools.adapters import random_adapter
-from comfyui_lora2.devtools.comfy_host import ComfyHost, run_prompt
+from comfyui_lora2.devtools.comfy_host import ComfyHost, logged_warnings, run_prompt
 from comfyui_lora2.devtools.layout import MISSING_HOST_REASON, host_available
-from comfyui_lora2.devtools.prompts import ksampler
+from comfyui_lora2.devtools.prompts import adapter_object, ksampler, lora2_save
 from comfyui_lora2.lora2 import LoRA2Error
 from comfyui_lora2.lora2.lora_file import load_adapter, read_safetensors
 from comfyui_lora2.lora2.lora_formats import parse_lora
@@ -41,15 +39,6 @@ def sample_prompt(family: str, model_source: dict) -> dict:
     }
 
 
-class _WarningCollector(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 @needs_host
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "flux"])
 def test_stock_loader_matches_lora2_apply(comfy_host: ComfyHost, family: str) -> None:
@@ -59,21 +48,12 @@ def test_stock_loader_matches_lora2_apply(comfy_host: ComfyHost, family: str) ->
     adapter = random_adapter(FAMILIES[family].model(0).model.diffusion_model, family)
     key = put_object(f"adapter-{family}", adapter)
     apply = {
-        "adapter": {"class_type": "TestObjectLORA2_ADAPTER", "inputs": {"key": key}},
+        "adapter": adapter_object(key),
         "adapted": {
             "class_type": "LoRA2Apply",
             "inputs": {"model": ["model", 0], "adapter": ["adapter", 0], "strength": 1.0},
         },
-        "save": {
-            "class_type": "LoRA2Save",
-            "inputs": {
-                "adapter": ["adapter", 0],
-                "filename": f"compat/{family}",
-                "save_training_state": False,
-                "precision": "float32",
-                "model": ["model", 0],
-            },
-        },
+        "save": lora2_save(["adapter", 0], f"compat/{family}", model=["model", 0]),
     }
     run_prompt(sample_prompt(family, apply)).raise_for_failure()
     with_apply = CAPTURED[f"latent-{family}"]["samples"].clone()
@@ -94,14 +74,10 @@ def test_stock_loader_matches_lora2_apply(comfy_host: ComfyHost, family: str) ->
             "inputs": {"model": ["model", 0], "lora_name": f"compat/{family}.safetensors", "strength_model": 1.0},
         }
     }
-    collector = _WarningCollector()
-    logging.getLogger().addHandler(collector)
-    try:
+    with logged_warnings() as warnings:
         run_prompt(sample_prompt(family, stock)).raise_for_failure()
-    finally:
-        logging.getLogger().removeHandler(collector)
     with_stock = CAPTURED[f"latent-{family}"]["samples"]
-    assert not [m for m in collector.messages if "lora key not loaded" in m]
+    assert not [m for m in warnings if "lora key not loaded" in m]
     assert float((with_apply - without).abs().max()) > 1e-2  # the adapter does change the output
     assert float((with_apply - with_stock).abs().max()) < 1e-4
     tensors, metadata = read_safetensors(comfy_host.base_dir / "models" / "loras" / "compat" / f"{family}.safetensors")
@@ -131,17 +107,8 @@ def test_sd15_file_loads_in_diffusers(comfy_host: ComfyHost) -> None:
     key = put_object("adapter-diffusers", adapter)
     prompt = {
         "model": {"class_type": "TestTinyModel", "inputs": {"family": "sd15", "seed": 0}},
-        "adapter": {"class_type": "TestObjectLORA2_ADAPTER", "inputs": {"key": key}},
-        "save": {
-            "class_type": "LoRA2Save",
-            "inputs": {
-                "adapter": ["adapter", 0],
-                "filename": "compat/diffusers_sd15",
-                "save_training_state": False,
-                "precision": "float32",
-                "model": ["model", 0],
-            },
-        },
+        "adapter": adapter_object(key),
+        "save": lora2_save(["adapter", 0], "compat/diffusers_sd15", model=["model", 0]),
     }
     run_prompt(prompt).raise_for_failure()
     path = comfy_host.base_dir / "models" / "loras" / "compat" / "diffusers_sd15.safetensors"

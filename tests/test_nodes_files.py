@@ -10,6 +10,7 @@ import pytest
 from comfyui_lora2.devtools.adapters import random_adapter
 from comfyui_lora2.devtools.comfy_host import ComfyHost, run_prompt
 from comfyui_lora2.devtools.layout import MISSING_HOST_REASON, host_available
+from comfyui_lora2.devtools.prompts import adapter_object, lora2_save
 from comfyui_lora2.lora2.lora_file import read_safetensors
 
 pytest_plugins = ["support.fixtures"]
@@ -18,16 +19,14 @@ pytestmark = pytest.mark.skipif(not host_available(), reason=MISSING_HOST_REASON
 
 def save_prompt(source: dict, filename: str, model: bool = False, **extra) -> dict:
     prompt = dict(source)
-    inputs = {"adapter": ["adapter", 0], "filename": filename, "save_training_state": False, "precision": "float32"}
     if model:
         prompt["model"] = {"class_type": "TestTinyModel", "inputs": {"family": "sd15", "seed": 0}}
-        inputs["model"] = ["model", 0]
-    prompt["save"] = {"class_type": "LoRA2Save", "inputs": {**inputs, **extra}}
+    prompt["save"] = lora2_save(["adapter", 0], filename, model=["model", 0] if model else None, **extra)
     return prompt
 
 
 def _object(key: str) -> dict:
-    return {"adapter": {"class_type": "TestObjectLORA2_ADAPTER", "inputs": {"key": key}}}
+    return {"adapter": adapter_object(key)}
 
 
 def test_save_keeps_unicode_names_and_never_overwrites_silently(comfy_host: ComfyHost) -> None:

@@ -9,6 +9,7 @@ import pytest
 from comfyui_lora2.devtools.adapters import random_adapter
 from comfyui_lora2.devtools.comfy_host import ComfyHost, run_prompt
 from comfyui_lora2.devtools.layout import MISSING_HOST_REASON, host_available
+from comfyui_lora2.devtools.prompts import adapter_object, lora2_save
 
 pytest_plugins = ["support.fixtures"]
 pytestmark = pytest.mark.skipif(not host_available(), reason=MISSING_HOST_REASON)
@@ -61,16 +62,8 @@ def test_heatmap_history_panel_and_any_lora_file(comfy_host: ComfyHost) -> None:
     assert CAPTURED["heatmap"].shape[1] > plain_height
 
     save = {
-        "adapter": {"class_type": "TestObjectLORA2_ADAPTER", "inputs": {"key": key}},
-        "save": {
-            "class_type": "LoRA2Save",
-            "inputs": {
-                "adapter": ["adapter", 0],
-                "filename": "inspect/any",
-                "save_training_state": False,
-                "precision": "float16",
-            },
-        },
+        "adapter": adapter_object(key),
+        "save": lora2_save(["adapter", 0], "inspect/any", precision="float16"),
     }
     run_prompt(save).raise_for_failure()
     run_prompt(heatmap_prompt(None, lora_name="inspect/any.safetensors")).raise_for_failure()

@@ -11,6 +11,7 @@ import torch
 
 from comfyui_lora2.devtools.comfy_host import ComfyHost, run_prompt
 from comfyui_lora2.devtools.layout import MISSING_HOST_REASON, host_available
+from comfyui_lora2.devtools.prompts import adapter_object, lora2_save
 
 pytest_plugins = ["support.fixtures"]
 pytestmark = pytest.mark.skipif(not host_available(), reason=MISSING_HOST_REASON)
@@ -106,19 +107,8 @@ def test_save_writes_the_name_precision_and_state_it_is_asked_for(
 
     name = f"widgets/saved {precision}"
     prompt = {
-        "adapter": {
-            "class_type": "TestObjectLORA2_ADAPTER",
-            "inputs": {"key": put_object("w-save", trained_adapter(True))},
-        },
-        "save": {
-            "class_type": "LoRA2Save",
-            "inputs": {
-                "adapter": ["adapter", 0],
-                "filename": name,
-                "save_training_state": with_state,
-                "precision": precision,
-            },
-        },
+        "adapter": adapter_object(put_object("w-save", trained_adapter(True))),
+        "save": lora2_save(["adapter", 0], name, save_training_state=with_state, precision=precision),
     }
     result = run_prompt(prompt).raise_for_failure()
     path = comfy_host.base_dir / "models" / "loras" / "widgets" / f"saved {precision}.safetensors"

@@ -16,7 +16,7 @@ from PIL import Image
 
 from comfyui_lora2.devtools.comfy_server import ComfyServer
 from comfyui_lora2.devtools.layout import MISSING_HOST_REASON, host_available
-from comfyui_lora2.devtools.prompts import ksampler, lora2_dataset, lora2_train
+from comfyui_lora2.devtools.prompts import ksampler, lora2_dataset, lora2_save, lora2_train
 
 pytest_plugins = ["support.fixtures"]
 pytestmark = pytest.mark.skipif(not host_available(), reason=MISSING_HOST_REASON)
@@ -51,16 +51,9 @@ def test_training_graph_runs_on_the_real_server(host_server: ComfyServer, comfy_
         "cond": {"class_type": "LotusConditioning", "inputs": {}},
         "dataset": lora2_dataset(["vae", 0], ["cond", 0]),
         "train": lora2_train(["unet", 0], ["dataset", 0], gradient_checkpointing=True, checkpoint_name="lora2/server"),
-        "save": {
-            "class_type": "LoRA2Save",
-            "inputs": {
-                "adapter": ["train", 1],
-                "filename": "lora2/server_run",
-                "save_training_state": True,
-                "precision": "float16",
-                "model": ["unet", 0],
-            },
-        },
+        "save": lora2_save(
+            ["train", 1], "lora2/server_run", model=["unet", 0], save_training_state=True, precision="float16"
+        ),
         "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "sample": ksampler(["train", 0], ["cond", 0], ["cond", 0], ["latent", 0]),
         "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["vae", 0]}},

@@ -19,7 +19,7 @@ from PIL import Image
 
 from comfyui_lora2.devtools.comfy_host import ComfyHost, run_prompt
 from comfyui_lora2.devtools.layout import MISSING_HOST_REASON, host_available
-from comfyui_lora2.devtools.prompts import lora2_dataset, lora2_train
+from comfyui_lora2.devtools.prompts import lora2_dataset, lora2_save, lora2_train
 
 pytest_plugins = ["support.fixtures"]
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not host_available(), reason=MISSING_HOST_REASON)]
@@ -54,16 +54,7 @@ def _prompt(cycle: int) -> dict:
             "class_type": "LoRA2Prune",
             "inputs": {"adapter": ["train", 1], "lora_name": "none", "policy": "importance mass", "value": 0.9},
         },
-        "save": {
-            "class_type": "LoRA2Save",
-            "inputs": {
-                "adapter": ["prune", 0],
-                "filename": "soak/adapter",
-                "save_training_state": False,
-                "precision": "float16",
-                "overwrite": True,
-            },
-        },
+        "save": lora2_save(["prune", 0], "soak/adapter", precision="float16", overwrite=True),
     }
 
 
