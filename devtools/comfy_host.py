@@ -19,13 +19,14 @@ shadow ComfyUI's ``nodes`` module); ``boot`` refuses to start if it is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import importlib
 import logging
 import os
 import sys
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -311,6 +312,19 @@ class _RecordCollector(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if self.active:
             self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def logged_warnings() -> Iterator[list[str]]:
+    """The WARNING+ messages logged through the root logger inside the block (ComfyUI's loaders say
+    ``lora key not loaded`` this way), as a list that fills while the block runs."""
+    collector = _RecordCollector()
+    collector.active = True
+    logging.getLogger().addHandler(collector)
+    try:
+        yield collector.messages
+    finally:
+        logging.getLogger().removeHandler(collector)
 
 
 def _init_nodes(nodes: ModuleType, pack_path: Path) -> tuple[bool, list[str], list[str]]:

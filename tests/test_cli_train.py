@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import signal
@@ -26,7 +25,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from comfyui_lora2.cli import main, train_command
-from comfyui_lora2.devtools.comfy_host import ComfyHost, run_prompt
+from comfyui_lora2.devtools.comfy_host import ComfyHost, logged_warnings, run_prompt
 from comfyui_lora2.devtools.layout import MISSING_HOST_REASON, host_available
 
 pytest_plugins = ["support.fixtures"]
@@ -52,15 +51,6 @@ def train(model: Path, data: Path, output: Path, *extra: str) -> int:
     return main(["--model", str(model), "--data", str(data), "--output", str(output), *TINY, *extra])
 
 
-class _Warnings(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def stock_loader_deltas(comfy_host: ComfyHost, family: str, lora: Path) -> tuple[dict, list[str]]:
     """Load ``lora`` with ComfyUI's LoraLoaderModelOnly onto its tiny ``family`` model; the weight deltas it
     applies (ComfyUI weight name -> tensor) and the warnings logged while loading."""
@@ -77,12 +67,8 @@ def stock_loader_deltas(comfy_host: ComfyHost, family: str, lora: Path) -> tuple
         },
         "keep": {"class_type": "TestCapture", "inputs": {"value": ["lora", 0], "key": f"cli-{family}"}},
     }
-    collector = _Warnings()
-    logging.getLogger().addHandler(collector)
-    try:
+    with logged_warnings() as warnings:
         run_prompt(prompt).raise_for_failure()
-    finally:
-        logging.getLogger().removeHandler(collector)
     patcher = CAPTURED[f"cli-{family}"]
     before = {k: v.clone() for k, v in patcher.model.state_dict().items()}
     patcher.patch_model()
@@ -91,7 +77,7 @@ def stock_loader_deltas(comfy_host: ComfyHost, family: str, lora: Path) -> tuple
         deltas = {k: after[k].float() - before[k].float() for k in patcher.patches}
     finally:
         patcher.unpatch_model()
-    return deltas, collector.messages
+    return deltas, warnings
 
 
 def file_deltas(path: Path) -> dict[str, torch.Tensor]:
