@@ -60,6 +60,7 @@ class LoRA2Handle:
         self._optimizer: torch.optim.Optimizer | None = None
         self._controls: dict[str, EvidenceControl] = {}
         self._attach()
+        self._schedule_observations()
 
     # ----------------------------------------------------------------- construction
     def _initial_nu(self) -> float:
@@ -191,18 +192,27 @@ class LoRA2Handle:
 
     def _evidence_step(self, optimizer: torch.optim.Optimizer | None) -> dict[str, WidthChange]:
         """Every ``decide_every`` steps, let each component's evidence grow or shrink it."""
-        for control in self._controls.values():
-            control.component.observe_token = self.step_count
-        if self.step_count % self.config.decide_every:
-            return {}
         changes: dict[str, WidthChange] = {}
-        for name, control in self._controls.items():
-            change = control.decide(self.step_count)
-            if change is None:
-                continue
-            follow_width_change(optimizer, control.component, change)
-            changes[name] = change
+        if self.step_count % self.config.decide_every == 0:
+            for name, control in self._controls.items():
+                change = control.decide(self.step_count)
+                if change is None:
+                    continue
+                follow_width_change(optimizer, control.component, change)
+                changes[name] = change
+        self._schedule_observations()
         return changes
+
+    def _schedule_observations(self) -> None:
+        """Let the next step's gradient feed every sketch a decision can read.
+
+        A component at ``max_rank`` cannot grow, and the sketch is read only to grow (``_grow``), so it
+        is not fed until a shrink makes room (its statistics restart then anyway): the sketch's work
+        was 10-30 % of a step (bench/NOTES.md).
+        """
+        for control in self._controls.values():
+            component = control.component
+            component.observe_token = self.step_count if component.width < self.config.max_rank else None
 
     def discard_non_finite_evidence(self) -> None:
         """Reset every gradient sketch that took in NaN/inf (called when a step blew up, before a checkpoint)."""
@@ -291,8 +301,7 @@ class LoRA2Handle:
             own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             control.load_state_dict(own)  # an older file without evidence state: the evidence restarts
         self.step_count = int(state[STEP_KEY])
-        for control in self._controls.values():
-            control.component.observe_token = self.step_count  # the next step is observed, as it was
+        self._schedule_observations()  # the next step is observed as it was
 
     # ----------------------------------------------------------------- teardown
     def detach(self) -> None:

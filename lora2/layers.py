@@ -83,7 +83,8 @@ class AdaptiveLoRA(nn.Module):
         self.sketch: GradientSketch | None = None
         """Set by the handle when widths follow gradient evidence; fed from the backward pass."""
         self.observe_token: object = 0
-        """Changes once per optimizer step: the sketch takes one gradient per step (not a recomputation's)."""
+        """Changes once per optimizer step: the sketch takes one gradient per step (not a recomputation's).
+        None: the coming steps are not observed (the handle sets it where no decision could use them)."""
         self._observed_token: object = None
         self._scale_key: tuple | None = None
         self._scale: torch.Tensor | None = None
@@ -160,9 +161,14 @@ class AdaptiveLoRA(nn.Module):
             out = F.conv2d(hidden * scale.view(1, -1, 1, 1), up)
         else:
             out = F.conv2d(F.conv2d(x, down, **self.conv_kwargs) * scale.view(1, -1, 1, 1), up)
-        if self.sketch is not None and out.requires_grad:
+        if self.sketch is not None and out.requires_grad and self.observing:
             out = _ObserveGradient.apply(out, x, self)
         return out
+
+    @property
+    def observing(self) -> bool:
+        """Whether this step's backward still feeds the sketch (outside it, no autograd node is added)."""
+        return self.observe_token is not None and self._observed_token != self.observe_token
 
     def _observe(self, x: torch.Tensor, grad: torch.Tensor) -> None:
         """Hand the sketch this step's inputs and output gradients (``G = δᵀx``, rows = tokens or patches)."""

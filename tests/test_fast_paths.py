@@ -210,3 +210,50 @@ def test_convolution_sketch_equals_the_unfolded_one(conv: dict) -> None:
         scale = float(value.abs().max().clamp(min=1.0))
         torch.testing.assert_close(mine, value, atol=1e-5 * scale, rtol=1e-5, msg=key)
 
+
+def fit_at_max_rank(observe_everything: bool, steps: int, monkeypatch) -> tuple[list, dict]:
+    """Two components starting at ``max_rank``: ``to_q`` without need (it shrinks), ``to_v`` above it."""
+    from comfyui_lora2.lora2 import LoRA2Config, attach
+    from comfyui_lora2.lora2.attach import LoRA2Handle
+
+    if observe_everything:  # the schedule before: every sketch fed every step
+
+        def everything(self) -> None:
+            for control in self._controls.values():
+                control.component.observe_token = self.step_count
+
+        monkeypatch.setattr(LoRA2Handle, "_schedule_observations", everything)
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"to_q": nn.Linear(16, 16, bias=False), "to_v": nn.Linear(16, 16, bias=False)})
+    model.requires_grad_(False)
+    handle = attach(model, LoRA2Config(targets="attn", init_rank=4, max_rank=4))
+    optimizer = torch.optim.Adam(handle.param_groups(3e-3))
+    generator = torch.Generator().manual_seed(5)
+    target = torch.randn(16, 16, generator=generator) * 0.3  # full rank: to_v needs more than 4
+    history, counts = [], {"to_q": [], "to_v": []}
+    for _ in range(steps):
+        x = torch.randn(32, 16, generator=generator)
+        with handle.disabled(), torch.no_grad():
+            base_q, base_v = model["to_q"](x), model["to_v"](x)
+        loss = (model["to_q"](x) - base_q).pow(2).mean() + (model["to_v"](x) - base_v - x @ target.T).pow(2).mean()
+        (loss + handle.regularizer()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        handle.step(optimizer)
+        history.append(handle.ranks())
+        for name, c in handle.components.items():
+            counts[name].append(c.sketch.count)
+    return history, counts
+
+
+def test_no_sketch_work_at_max_rank_and_the_same_widths(monkeypatch) -> None:
+    """At ``max_rank`` nothing can grow, so the sketch is not fed; it is again once a shrink makes room."""
+    history, counts = fit_at_max_rank(False, 120, monkeypatch)
+    shrunk = next(i for i, ranks in enumerate(history) if ranks["to_q"] < 4)
+    assert history[-1]["to_v"] == 4 and set(counts["to_v"]) == {0}  # never fed at its ceiling
+    assert set(counts["to_q"][:shrunk]) == {0}
+    assert counts["to_q"][-1] > 0  # fed again after the shrink
+    with monkeypatch.context() as patch:
+        always, always_counts = fit_at_max_rank(True, 120, patch)
+    assert always_counts["to_v"][-1] > 0  # the old schedule did feed it
+    assert always == history
