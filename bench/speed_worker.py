@@ -273,7 +273,7 @@ def lora2_settings(cfg: dict[str, Any]) -> dict[str, Any]:
         "rank_learning_rate": train.nu_lr,
         "optimizer": train.optimizer,
         "init_rank": cfg["rank"],
-        "max_rank": cfg["rank"],  # equal size to fixed rank: what is measured is the machinery's cost
+        "max_rank": cfg.get("max_rank") or cfg["rank"],  # rank: equal size to fixed rank (train_speed.ROOM)
         "targets": cfg["targets"],
         "custom_targets": "",
         "importance_mass": lora2.mass,

@@ -7,6 +7,8 @@ weights (``speed_models``), per model and rank:
 * ``native``: ComfyUI 0.3.75's ``TrainLoraNode`` (it adapts every weight, biases and norms included);
 * ``lora2-attn`` / ``lora2-all``: LoRA² Train, the node a user runs, on attention / every layer;
 * ``fixed-attn`` / ``fixed-all``: the same node in fixed-rank mode;
+* ``room-attn`` / ``room-all``: LoRA² Train with room to grow (``max_rank`` = 2 × rank), so the gradient
+  sketch that looks for growth works every step (``lora2-*`` start at their ``max_rank``, where it rests);
 * ``apply_stock`` / ``apply_lora2``: a LoRA file merged into the model by the stock loader or by
   LoRA² Load + Apply (peak memory).
 
@@ -20,8 +22,9 @@ to A/B a change (``bench/NOTES.md``). Nodes run with their default ``steps`` and
 stopped after the measured steps, so evaluation and freeze schedules are those of a default run.
 
 Prints a table, then as the last line ``{"ratios": {...}, "raw": {...}}``: the ratios are read on the
-reference model (the largest one run), the worst over ranks; ``adaptive_vs_fixed_max`` is the worst
-over every model, rank and target. ``--quick`` is the CI-sized run (tiny model, rank 8, two steps).
+reference model (the largest one run), the worst over ranks; ``adaptive_vs_fixed_max`` (and
+``room_vs_fixed_max``, for ``room-*``) is the worst over every model, rank and target. ``--quick`` is
+the CI-sized run (tiny model, rank 8, two steps).
 """
 
 from __future__ import annotations
@@ -40,6 +43,12 @@ from .speed_models import MODELS
 
 LORA2_KINDS = {"lora2-attn": ("attn", True), "lora2-all": ("all", True), "fixed-attn": ("attn", False)}
 LORA2_KINDS["fixed-all"] = ("all", False)
+LORA2_KINDS.update({"room-attn": ("attn", True), "room-all": ("all", True)})
+ROOM = {"room-attn": 2, "room-all": 2}
+"""``max_rank`` ÷ ``rank`` of a kind (1 where absent). ``lora2-*`` start at their ``max_rank``, where
+nothing can grow and the gradient sketch is not fed; ``room-*`` may grow to twice the rank, so their
+sketches are fed every step. The first decision comes at step ``decide_every``, after the measured steps,
+so all of them train the same widths."""
 TRAIN_KINDS = ("floor", "native", *LORA2_KINDS)
 APPLY_KINDS = ("apply_stock", "apply_lora2")
 
@@ -65,6 +74,8 @@ class Run:
     threads: int
     variant: str = ""
     """"" for this checkout; "base" for the ``--baseline`` tree (LoRA² configurations only)."""
+    max_rank: int = 0
+    """LoRA² Train's ``max_rank`` (0: ``rank``)."""
 
     @property
     def label(self) -> str:
@@ -147,9 +158,10 @@ def plan(args: argparse.Namespace) -> list[Run]:
                 runs.append(Run("native", model, rank, "all", False, **common))
             for kind, (targets, adaptive) in LORA2_KINDS.items():
                 if kind in kinds:
-                    runs.append(Run(kind, model, rank, targets, adaptive, **common))
+                    sized = {**common, "max_rank": rank * ROOM.get(kind, 1)}
+                    runs.append(Run(kind, model, rank, targets, adaptive, **sized))
                     if args.baseline:
-                        runs.append(Run(kind, model, rank, targets, adaptive, **common, variant="base"))
+                        runs.append(Run(kind, model, rank, targets, adaptive, **sized, variant="base"))
         for kind in APPLY_KINDS:
             if kind in kinds:
                 runs.append(Run(kind, model, args.apply_rank, "all", False, **{**common, "steps": 1}))
@@ -256,6 +268,12 @@ def ratios(raw: dict[str, dict[str, Any]], models: list[str], ranks: list[int]) 
         for targets in ("attn", "all")
         for value in over_ranks(f"lora2-{targets}", f"fixed-{targets}", model=model)
     ]
+    room_vs_fixed = [
+        value
+        for model in models
+        for targets in ("attn", "all")
+        for value in over_ranks(f"room-{targets}", f"fixed-{targets}", model=model)
+    ]
     stock, ours = _get(raw, reference, "apply_stock"), _get(raw, reference, "apply_lora2")
     return {
         "step_vs_native_all": _worst(over_ranks("lora2-all", "native")),
@@ -264,6 +282,7 @@ def ratios(raw: dict[str, dict[str, Any]], models: list[str], ranks: list[int]) 
         "step_vs_floor_all": _worst(over_ranks("lora2-all", "floor")),
         "peak_mem_vs_native_all": _worst(over_ranks("lora2-all", "native", "added_mb")),
         "adaptive_vs_fixed_max": _worst(adaptive_vs_fixed),
+        "room_vs_fixed_max": _worst(room_vs_fixed),
         "apply_mem_over_stock_mb": round(ours["added_mb"] - stock["added_mb"], 2) if stock and ours else None,
     }
 

@@ -26,9 +26,11 @@ RATIOS = {
     "step_vs_floor_all",
     "peak_mem_vs_native_all",
     "adaptive_vs_fixed_max",
+    "room_vs_fixed_max",
     "apply_mem_over_stock_mb",
 }
 KINDS = {"floor", "native", "lora2-attn", "lora2-all", "fixed-attn", "fixed-all", "apply_stock", "apply_lora2"}
+KINDS |= {"room-attn", "room-all"}
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +82,8 @@ def test_ratios_are_read_from_the_raw_numbers(quick_run) -> None:
     )
     fixed = [raw[f"tiny lora2-{t} r8"]["step_s"] / raw[f"tiny fixed-{t} r8"]["step_s"] for t in ("attn", "all")]
     assert ratios["adaptive_vs_fixed_max"] == pytest.approx(max(fixed), 1e-3)
+    room = [raw[f"tiny room-{t} r8"]["step_s"] / raw[f"tiny fixed-{t} r8"]["step_s"] for t in ("attn", "all")]
+    assert ratios["room_vs_fixed_max"] == pytest.approx(max(room), 1e-3)
     stock, ours = raw["tiny apply_stock r32"], raw["tiny apply_lora2 r32"]
     assert ratios["apply_mem_over_stock_mb"] == pytest.approx(ours["added_mb"] - stock["added_mb"], abs=0.01)
 
