@@ -106,6 +106,9 @@ SAMPLE_COUNT = 32
 SAMPLE_STEPS = 10
 BASELINE_RANK = 64
 DEFAULT_STRENGTH = 0.3
+PLANTS = ("visible", "whitened", "random")
+SUPERVISIONS = ("layers", "output")
+DEFAULT_SUPERVISION = "output"
 PROBE_SIZE = 16
 """Noised images in the probe that finds each layer's visible directions."""
 
@@ -166,11 +169,14 @@ class Visible:
     ``inputs [in, in]``: eigenvectors of ``E[h hᵀ]`` over the layer's input rows, strongest first;
     ``outputs [out, out]``: eigenvectors of ``E[δ δᵀ]`` for ``δ = Jᵀξ``, the gradient reaching the layer's
     output from a random probe ``ξ`` on the model's output, i.e. of ``E[JᵀJ]``: the output directions that
-    change what the model predicts.
+    change what the model predicts. ``input_scale`` and ``output_scale`` are the matching eigenvalues
+    (per row), strongest first.
     """
 
     inputs: torch.Tensor
     outputs: torch.Tensor
+    input_scale: torch.Tensor | None = None
+    output_scale: torch.Tensor | None = None
 
 
 def visible_directions(
@@ -210,13 +216,18 @@ def visible_directions(
     finally:
         for handle in handles:
             handle.remove()
-    return {name: Visible(_eigenvectors(rows[name]), _eigenvectors(grads[name])) for name in names}
+    seen = {}
+    for name in names:
+        input_scale, inputs = _eigen(rows[name])
+        output_scale, outputs = _eigen(grads[name])
+        seen[name] = Visible(inputs, outputs, input_scale, output_scale)
+    return seen
 
 
-def _eigenvectors(rows: torch.Tensor) -> torch.Tensor:
-    """Eigenvectors of ``rowsᵀ rows``, strongest first (columns)."""
-    _, vectors = torch.linalg.eigh(rows.T @ rows)
-    return vectors.flip(-1)
+def _eigen(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (per row, ≥ 0) and eigenvectors (columns) of ``rowsᵀ rows``, strongest first."""
+    values, vectors = torch.linalg.eigh(rows.T @ rows / rows.shape[0])
+    return values.flip(-1).clamp_min(0.0), vectors.flip(-1)
 
 
 def planted_delta(
@@ -225,21 +236,62 @@ def planted_delta(
     generator: torch.Generator,
     strength: float = DEFAULT_STRENGTH,
     visible: Visible | None = None,
+    whiten: bool = False,
 ) -> torch.Tensor:
     """``U diag(s) Vᵀ`` of exactly ``rank``, ``s ~ U(0.5, 1)·strength·‖W‖₂`` (why: see the module docstring).
 
     With ``visible``, ``U`` and ``V`` are random orthonormal bases of the leading ``2·rank`` (at most the
     whole side) visible output and input directions, so every planted direction can be seen in the data.
+    With ``whiten`` as well, the update is planted in the loss's own metric (:func:`whitened_delta`).
     """
     out_features, in_features = weight.shape[0], weight[0].numel()
     if rank == 0:
         return torch.zeros(out_features, in_features)
     matrix = weight.detach().float().reshape(out_features, in_features)
+    if whiten and visible is not None:
+        return whitened_delta(matrix, rank, generator, strength, visible)
     norm = torch.linalg.matrix_norm(matrix, ord=2)
     u = _basis_within(visible.outputs if visible else None, out_features, rank, generator)
     v = _basis_within(visible.inputs if visible else None, in_features, rank, generator)
     s = (0.5 + 0.5 * torch.rand(rank, generator=generator)) * norm * strength
     return (u * s) @ v.T
+
+
+WHITEN_FLOOR = 0.05
+"""Whitening divides by ``√eigenvalue`` of no less than this fraction of the strongest (a ridge): a planted
+direction the data barely excites would otherwise need a huge weight change to matter."""
+
+
+def whitened_delta(
+    matrix: torch.Tensor, rank: int, generator: torch.Generator, strength: float, visible: Visible
+) -> torch.Tensor:
+    """A rank-``rank`` ΔW whose every direction moves the loss by a similar amount, to first order.
+
+    Why: the loss sees a layer's update through the Gauss-Newton metric ``‖J ΔW h‖² ≈ tr(ΔWᵀ C_out ΔW C_in)``
+    (``C_in = E[hhᵀ]``, ``C_out = E[JᵀJ]``). An update planted with equal singular values in weight space is
+    far from equal there: its directions along weak eigenvectors barely change the output, so a student fits
+    the output with a few of them and the planted rank overstates what the data asks for (measured: LoRA²
+    closed 89 % of the gap with widths 2-9 on components planted up to 32). Here the singular values are equal
+    in the metric: ``M = C_out^½ ΔW C_in^½ = U diag(s) Vᵀ`` with ``U``, ``V`` random orthonormal inside the
+    leading ``2·rank`` eigenvectors and ``s ~ U(0.5, 1)·strength·‖C_out^½ W C_in^½‖₂`` (the layer's own
+    effect), so dropping any one planted direction costs the loss about ``1/rank`` of the component's share.
+    """
+    assert visible.input_scale is not None and visible.output_scale is not None
+    out_features, in_features = matrix.shape
+    width_out, width_in = min(out_features, 2 * rank), min(in_features, 2 * rank)
+    p_out, l_out = visible.outputs[:, :width_out], visible.output_scale[:width_out]
+    p_in, l_in = visible.inputs[:, :width_in], visible.input_scale[:width_in]
+    root_out = l_out.clamp_min(WHITEN_FLOOR * float(l_out[0])).sqrt()
+    root_in = l_in.clamp_min(WHITEN_FLOOR * float(l_in[0])).sqrt()
+    # the layer's own effect in the metric: ‖C_out^½ W C_in^½‖₂
+    effect = (visible.outputs * visible.output_scale.sqrt()).T @ matrix @ (visible.inputs * visible.input_scale.sqrt())
+    scale = torch.linalg.matrix_norm(effect, ord=2)
+    q_out, _ = torch.linalg.qr(torch.randn(width_out, rank, generator=generator))
+    q_in, _ = torch.linalg.qr(torch.randn(width_in, rank, generator=generator))
+    s = (0.5 + 0.5 * torch.rand(rank, generator=generator)) * scale * strength
+    left = p_out @ (q_out / root_out[:, None])
+    right = p_in @ (q_in / root_in[:, None])
+    return (left * s) @ right.T
 
 
 def _basis_within(directions: torch.Tensor | None, side: int, rank: int, generator: torch.Generator) -> torch.Tensor:
@@ -258,6 +310,7 @@ def make_teacher(
     seed: int,
     strength: float = DEFAULT_STRENGTH,
     visible: dict[str, Visible] | None = None,
+    whiten: bool = False,
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """A copy of ``base`` with ``planted[name]``-rank updates added to those layers' weights."""
     teacher = copy.deepcopy(base)
@@ -268,21 +321,28 @@ def make_teacher(
         for name, rank in planted.items():
             weight = layers[name].weight
             seen = visible.get(name) if visible else None
-            deltas[name] = planted_delta(weight, rank, generator, strength, seen)
+            deltas[name] = planted_delta(weight, rank, generator, strength, seen, whiten)
             weight.add_(deltas[name].view_as(weight).to(weight.dtype))
     return teacher, deltas
 
 
 # ----------------------------------------------------------------- training through the ordinary Trainer
 class ZeroTarget:
-    """Wraps a noise rule: same noisy inputs and timesteps, target zero (the denoiser returns a residual)."""
+    """Wraps a noise rule: same noisy inputs and timesteps, target zero (the denoiser returns a residual).
 
-    def __init__(self, rule: Any) -> None:
+    ``flat``: the residual is ``[batch, features]`` rather than shaped like the image, so the target is a
+    ``[batch, 1]`` zero that broadcasts against it."""
+
+    def __init__(self, rule: Any, flat: bool = False) -> None:
         self.rule = rule
+        self.flat = flat
 
     def prepare(self, x0: torch.Tensor, noise: torch.Tensor, generator: torch.Generator) -> Prepared:
         prepared = self.rule.prepare(x0, noise, generator)
-        prepared.target = torch.zeros_like(prepared.target)
+        if self.flat:
+            prepared.target = prepared.target.new_zeros(prepared.target.shape[0], 1)
+        else:
+            prepared.target = torch.zeros_like(prepared.target)
         return prepared
 
 
@@ -293,6 +353,41 @@ def residual_denoiser(student: Callable, teacher: Callable) -> Callable:
         with torch.no_grad():
             target = teacher(x, t, c)
         return student(x, t, c) - target
+
+    return residual
+
+
+def layer_residuals(student: nn.Module, teacher: nn.Module, teacher_denoiser: Callable, names: list[str]) -> Callable:
+    """Per adapted layer, the student's layer on the teacher's own input minus the teacher's layer output.
+
+    The teacher runs under ``no_grad`` with hooks that keep each named layer's input ``h`` and output ``y``;
+    the student's layer (its adapter attached, its hooks firing as in training) is applied to the same ``h``.
+    Each residual is divided by the RMS of ``y`` and weighted by ``√(total / (layers · size))``, so the
+    Trainer's plain mean over the returned ``[batch, features]`` is the mean over layers of each layer's
+    relative squared error: a wide or many-token layer does not outweigh a narrow one.
+    """
+    student_layers, teacher_layers = dict(student.named_modules()), dict(teacher.named_modules())
+
+    def residual(x: torch.Tensor, t: torch.Tensor, c: dict[str, torch.Tensor]) -> torch.Tensor:
+        seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def keep(name: str) -> Callable:
+            return lambda module, args, output: seen.__setitem__(name, (args[0], output))
+
+        hooks = [teacher_layers[name].register_forward_hook(keep(name)) for name in names]
+        try:
+            with torch.no_grad():
+                teacher_denoiser(x, t, c)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        parts = []
+        for name in names:
+            h, y = seen[name]
+            scale = y.float().pow(2).mean().sqrt().clamp_min(1e-12)
+            parts.append(((student_layers[name](h) - y).float() / scale).reshape(x.shape[0], -1))
+        total = sum(part.shape[1] for part in parts)
+        return torch.cat([part * math.sqrt(total / (len(parts) * part.shape[1])) for part in parts], dim=1)
 
     return residual
 
@@ -335,12 +430,18 @@ def train_method(
     mode: str,
     train_settings: dict[str, Any],
     progress: Callable[[str], None] | None = None,
+    supervision: str = "output",
+    names: list[str] | None = None,
 ) -> Trained:
     """Attach ``method`` to a copy of ``base`` and train it with the Trainer; returns it trained.
 
-    ``targets`` mode: the loss is the student's residual against the teacher on the same noisy input."""
+    ``targets`` mode: the loss is the student's residual against the teacher on the same noisy input, at the
+    model's output (``supervision="output"``) or at every layer in ``names`` (``"layers"``,
+    :func:`layer_residuals`)."""
 
-    def against_teacher(denoiser: Callable, rule: Any) -> tuple[Callable, ZeroTarget]:
+    def against_teacher(model: nn.Module, denoiser: Callable, rule: Any) -> tuple[Callable, ZeroTarget]:
+        if supervision == "layers":
+            return layer_residuals(model, teacher, fam.denoiser(teacher), names or []), ZeroTarget(rule, flat=True)
         return residual_denoiser(denoiser, fam.denoiser(teacher)), ZeroTarget(rule)
 
     objective = against_teacher if mode == "targets" else None
@@ -499,6 +600,8 @@ def run(
     log: Callable[[str], None] = print,
     strength: float = DEFAULT_STRENGTH,
     plant: str = "visible",
+    targets: str = "attn",
+    supervision: str = DEFAULT_SUPERVISION,
 ) -> dict:
     """Build base and teacher, train LoRA² and the fixed-rank baselines, score them; returns the results."""
     if model not in MODELS:
@@ -512,22 +615,31 @@ def run(
     fam = family(model)
     pool = load_images(fam, seed)
     base_net = base_model(model, fam, seed, base, pool, log=log)
-    layers = target_layers(base_net)
+    layers = target_layers(base_net, targets)
     if isinstance(planted, dict):
         plan = parse_planted(",".join(f"{k}={v}" for k, v in planted.items()), layers)
     else:
         plan = parse_planted(planted, layers) if planted else draw_planted(layers, seed)
-    visible = visible_directions(fam, base_net, pool, list(plan), seed) if plant == "visible" else None
-    teacher, deltas = make_teacher(base_net, plan, seed, strength, visible)
+    if supervision not in SUPERVISIONS:
+        raise LoRA2Error(f"--supervision must be one of {SUPERVISIONS}, got {supervision!r}")
+    if data == "samples":
+        supervision = "output"  # the teacher's samples are trained on with the ordinary denoising loss
+    if plant not in PLANTS:
+        raise LoRA2Error(f"--plant must be one of {PLANTS}, got {plant!r}")
+    visible = visible_directions(fam, base_net, pool, list(plan), seed) if plant != "random" else None
+    teacher, deltas = make_teacher(base_net, plan, seed, strength, visible, whiten=plant == "whitened")
     train_data = sample_teacher(teacher, fam, pool, seed) if data == "samples" else pool
     evaluation = build_eval_set(fam, teacher, base_net, train_data, seed)
     results: dict[str, Any] = {"model": model, "base": base, "data": data, "steps": steps, "seed": seed}
+    results["supervision"], results["plant"], results["targets"] = supervision, plant, targets
     results["images"] = pool.source
     results["settings"] = overrides.to_dict()
     results["planted"] = plan
     results["methods"] = {}
-    for method in methods_for("attn", seed, overrides, fixed):
-        trained = train_method(method, base_net, teacher, fam, train_data, data, train_settings, progress)
+    for method in methods_for(targets, seed, overrides, fixed):
+        trained = train_method(
+            method, base_net, teacher, fam, train_data, data, train_settings, progress, supervision, list(layers)
+        )
         entry = {
             "fit": output_error(trained, fam, evaluation),
             "params": trained.handle.num_parameters(),
@@ -572,7 +684,10 @@ def json_line(results: dict) -> str:
         k: {"fit": v["fit"], "params": v["params"], "seconds": round(v["seconds"], 1)}
         for k, v in results["methods"].items()
     }
-    extra = {k: results[k] for k in ("model", "base", "data", "steps", "seed", "images", "settings")}
+    extra = {
+        k: results[k]
+        for k in ("model", "base", "data", "steps", "seed", "images", "settings", "supervision", "plant", "targets")
+    }
     return json.dumps({**results["summary"], "methods": methods, **extra})
 
 
@@ -591,9 +706,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strength", type=float, default=DEFAULT_STRENGTH, help="planted singular values, × ‖W‖₂")
     parser.add_argument(
         "--plant",
-        choices=("visible", "random"),
+        choices=PLANTS,
         default="visible",
         help="planted directions inside what the data excites and the output sees, or anywhere",
+    )
+    parser.add_argument(
+        "--targets", default="attn", help="components planted and adapted: a targets preset or regex (attn)"
+    )
+    parser.add_argument(
+        "--supervision",
+        choices=SUPERVISIONS,
+        default=DEFAULT_SUPERVISION,
+        help="match the teacher at every adapted layer or only at the model's output (--data targets)",
     )
     parser.add_argument("--fixed", default="", help="extra fixed-rank baselines besides r=64, e.g. 4,16")
     add_set_argument(parser)
@@ -617,6 +741,8 @@ def main(argv: list[str] | None = None) -> dict:
         log,
         args.strength,
         args.plant,
+        args.targets,
+        args.supervision,
     )
     bar.close()
     print(format_table(results))

@@ -39,8 +39,9 @@ class Trained:
     losses: list[float] = field(default_factory=list)
 
 
-Objective = Callable[[Callable, Any], tuple[Callable, Any]]
-"""``(denoiser, noise rule) -> (denoiser, noise rule)`` the Trainer is given instead of the family's own."""
+Objective = Callable[[nn.Module, Callable, Any], tuple[Callable, Any]]
+"""``(student model, its denoiser, noise rule) -> (denoiser, noise rule)`` the Trainer is given instead of the
+family's own (the model, with the adapter attached, for objectives that call its layers directly)."""
 
 
 def train_method(
@@ -63,7 +64,7 @@ def train_method(
     config = train_config(train_settings)
     denoiser, rule = fam.denoiser(model), fam.rule()
     if objective is not None:
-        denoiser, rule = objective(denoiser, rule)
+        denoiser, rule = objective(model, denoiser, rule)
     batches = batch_stream(data, fam, config.batch_size, config.seed)
     on_step = (lambda report: progress(method.name)) if progress is not None else None
     result = Trainer(denoiser, rule, batches, handle, config, on_step=on_step).run()
