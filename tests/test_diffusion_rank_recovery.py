@@ -91,6 +91,42 @@ def test_visible_planting_lies_where_the_data_and_the_output_can_see_it(sd15) ->
     assert min(gains) > 1.0, gains
 
 
+def _synthetic_visible(side: int, scales: list[float], seed: int = 0) -> bench.Visible:
+    """Random orthonormal input and output directions with the given input eigenvalues (then ~0)."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs, _ = torch.linalg.qr(torch.randn(side, side, generator=generator))
+    outputs, _ = torch.linalg.qr(torch.randn(side, side, generator=generator))
+    scale = torch.tensor(scales + [1e-6] * (side - len(scales)))
+    return bench.Visible(inputs, outputs, scale, torch.ones(side))
+
+
+def test_the_visible_input_rank_counts_directions_above_the_floor() -> None:
+    visible = _synthetic_visible(16, [1.0, 0.5, 0.06, 0.02, 0.011, 0.009])
+    assert visible.floor == bench.VISIBLE_FLOOR == 0.05  # the benchmark's documented default
+    assert visible.input_rank() == 3
+    assert visible.input_rank(floor=1e-2) == 5
+    visible.floor = 1e-2  # what --visible-floor sets
+    assert visible.input_rank() == 5
+    assert bench.Visible(visible.inputs, visible.outputs).input_rank() == 16  # no spectrum: every direction
+
+
+def test_plants_are_cut_to_the_visible_input_rank_and_drawn_inside_it() -> None:
+    """A rank-5 plant on a layer whose data excites only 6 input directions: V lies inside those 6 (not the
+    leading 2·5 = 10), and a rank-8 plant there is cut to 6 and reported."""
+    side = 16
+    visible = _synthetic_visible(side, [1.0, 0.8, 0.6, 0.4, 0.2, 0.1])
+    assert visible.input_rank() == 6
+    planted, cut = bench.cap_to_visible({"narrow": 8, "small": 5, "none": 0}, {"narrow": visible, "small": visible})
+    assert planted == {"narrow": 6, "small": 5, "none": 0} and cut == {"narrow": 8}
+    weight = torch.randn(side, side, generator=torch.Generator().manual_seed(1))
+    for whiten in (False, True):
+        delta = bench.planted_delta(weight, 5, torch.Generator().manual_seed(2), 0.3, visible, whiten=whiten)
+        assert int(torch.linalg.matrix_rank(delta.double(), rtol=1e-6)) == 5
+        seen = visible.inputs[:, :6]
+        rows = delta @ (seen @ seen.T)  # ΔW restricted to the visible inputs: all of it
+        torch.testing.assert_close(rows, delta, atol=1e-5 * float(delta.abs().max()), rtol=0)
+
+
 def test_explicit_planted_ranks_and_their_errors(sd15) -> None:
     layers = bench.target_layers(sd15)
     first, second = list(layers)[:2]
@@ -194,11 +230,17 @@ def test_synthetic_images_stand_in_without_the_photos(monkeypatch, tmp_path) -> 
 @pytest.mark.slow
 @pytest.mark.parametrize(("model", "data"), [("sd15", "targets"), ("sdxl", "samples"), ("flux", "targets")])
 def test_a_three_step_run_prints_the_json_line(model: str, data: str, capsys) -> None:
-    results = bench.main(["--model", model, "--data", data, "--steps", "3", "--set", "lora2.prior_strength=0.125"])
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    argv = ["--model", model, "--data", data, "--steps", "3", "--set", "lora2.prior_strength=0.125"]
+    results = bench.main([*argv, "--visible-floor", "0.5"])
+    captured = capsys.readouterr()
+    last = captured.out.strip().splitlines()[-1]
     line = json.loads(last)
     assert JSON_KEYS <= set(line)
     assert set(line["ranks"]) == set(line["planted"]) == set(bench.target_layers(build_model(model, 0)))
     assert line["settings"]["lora2"] == {"prior_strength": 0.125}
     assert results["methods"]["lora_r64"]["params"] > 0 and line["steps"] == 3
     assert all(value >= 0 for value in (line["fit_vs_r64"], line["params_vs_r64"]))
+    # a floor of half the strongest eigenvalue leaves few visible directions: the wide plants are cut, and said
+    assert line["visible_floor"] == 0.5 and line["planted_cut"]
+    assert all(line["planted"][name] < asked for name, asked in line["planted_cut"].items())
+    assert "visible input directions" in captured.err
