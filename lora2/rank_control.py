@@ -29,7 +29,6 @@ its widths collapse to the floor (README, "How the ranks are decided").
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -46,20 +45,8 @@ if TYPE_CHECKING:
 RANK_CONTROLS = ("evidence", "gradient")
 
 
-@dataclass(frozen=True)
-class RankRule:
-    """The thresholds of the evidence rule (copied from :class:`~lora2.config.LoRA2Config`)."""
-
-    growth_z: float
-    growth_fade: float
-    growth_directions: int
-    shrink_ratio: float
-    shrink_floor: float
-    growth_alignment: float = 0.9
-
-
 def growth_count(
-    z: torch.Tensor, strength: torch.Tensor, peak: float, rule: RankRule, alignment: torch.Tensor | None = None
+    z: torch.Tensor, strength: torch.Tensor, peak: float, rule: LoRA2Config, alignment: torch.Tensor | None = None
 ) -> int:
     """How many new positions the evidence asks for: the leading directions that pass every test."""
     passes = (z > rule.growth_z) & (strength > rule.growth_fade * peak) & (strength > 0)
@@ -73,7 +60,7 @@ def growth_count(
     return count
 
 
-def kept_directions(singular_values: torch.Tensor, weight_norm: float, rule: RankRule) -> int:
+def kept_directions(singular_values: torch.Tensor, weight_norm: float, rule: LoRA2Config) -> int:
     """How many leading singular directions of ΔW stay (at least one: a width is never zero)."""
     if singular_values.numel() == 0:
         return 1
@@ -124,14 +111,8 @@ class EvidenceControl:
         self.component = component
         self.layer = layer
         self.config = config
-        self.rule = RankRule(
-            growth_z=config.growth_z,
-            growth_fade=config.growth_fade,
-            growth_directions=config.growth_directions,
-            shrink_ratio=config.shrink_ratio,
-            shrink_floor=config.shrink_floor,
-            growth_alignment=config.growth_alignment,
-        )
+        self.rule = config
+        """The evidence rule's thresholds: the config's own fields (``growth_z``, ``shrink_ratio``, …)."""
         self.last_growth = 0
         self.last_singular: torch.Tensor | None = None
         """Singular values at the last shrink check (None after a width change): see :func:`rising_count`."""

@@ -14,7 +14,7 @@ from torch import nn
 
 from comfyui_lora2.lora2 import LoRA2Config, LoRA2Error, attach
 from comfyui_lora2.lora2.growth import GradientSketch
-from comfyui_lora2.lora2.rank_control import RankRule, growth_count, kept_directions, rising_count, spectral_norm
+from comfyui_lora2.lora2.rank_control import growth_count, kept_directions, rising_count, spectral_norm
 from comfyui_lora2.lora2.spectrum import factor_svd
 
 DIM = 32
@@ -176,7 +176,7 @@ def test_sketch_evidence_is_quiet_under_pure_noise() -> None:
 
 
 def test_rules_are_the_documented_thresholds() -> None:
-    rule = RankRule(growth_z=4.0, growth_fade=0.1, growth_directions=3, shrink_ratio=0.05, shrink_floor=1e-3)
+    rule = LoRA2Config(growth_z=4.0, growth_fade=0.1, growth_directions=3, shrink_ratio=0.05, shrink_floor=1e-3)
     z = torch.tensor([9.0, 5.0, 3.0, 9.0])
     strength = torch.tensor([1.0, 0.5, 0.5, 0.5])
     assert growth_count(z, strength, peak=2.0, rule=rule) == 2  # third fails z, so the fourth does not count
