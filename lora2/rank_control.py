@@ -111,8 +111,6 @@ class EvidenceControl:
         self.component = component
         self.layer = layer
         self.config = config
-        self.rule = config
-        """The evidence rule's thresholds: the config's own fields (``growth_z``, ``shrink_ratio``, …)."""
         self.last_growth = 0
         self.last_singular: torch.Tensor | None = None
         """Singular values at the last shrink check (None after a width change): see :func:`rising_count`."""
@@ -182,7 +180,7 @@ class EvidenceControl:
             return None
         count = min(
             room,
-            growth_count(sketch.z_scores(), sketch.strength(), float(sketch.peak), self.rule, sketch.alignment()),
+            growth_count(sketch.z_scores(), sketch.strength(), float(sketch.peak), self.config, sketch.alignment()),
         )
         if count == 0:
             return None
@@ -198,7 +196,7 @@ class EvidenceControl:
         scaled_up = c.up[:, : c.width].float().flatten(1) * (c.alpha * c.importance().float())
         singular = factor_svd(scaled_up, c.down[: c.width].float().flatten(1))[1]
         singular = singular.float().cpu()
-        keep = max(kept_directions(singular, self.weight_norm, self.rule), rising_count(singular, self.last_singular))
+        keep = max(kept_directions(singular, self.weight_norm, self.config), rising_count(singular, self.last_singular))
         self.last_singular = singular
         if keep >= c.width:
             return None
