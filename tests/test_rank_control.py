@@ -197,6 +197,45 @@ def test_only_directions_that_stopped_growing_may_be_shed() -> None:
     assert rising_count(now, torch.tensor([3.5, 0.5])) == 2  # a shorter history compares what it has
 
 
+def test_a_rise_counts_only_when_it_is_on_course_to_reach_the_kept_size() -> None:
+    """sd15 seed 3 of the diffusion bench: a fifth direction at 0.05 % of the top crept up by round-off
+    and held its position for 400 steps. Rising at its rate for ``horizon`` checks it must reach the
+    threshold, so that one is shed while a young direction climbing from zero is kept."""
+    threshold, horizon = 0.05 * 0.23, 5.0
+    creeping = torch.tensor([0.23, 0.05, 1.3e-4])
+    assert rising_count(creeping, torch.tensor([0.23, 0.05, 1.28e-4]), threshold, horizon) == 0
+    young = torch.tensor([0.23, 0.05, 4e-3])  # +1.6e-3 a check: reaches 1.2e-2 in 5 checks
+    assert rising_count(young, torch.tensor([0.23, 0.05, 2.4e-3]), threshold, horizon) == 3
+    assert rising_count(young, torch.tensor([0.23, 0.05, 3e-3]), threshold, horizon) == 0  # too slow
+    assert rising_count(young, torch.tensor([0.23, 0.05, 2.4e-3]), threshold, horizon=4.0) == 0  # horizon is read
+
+
+def _set_singular_values(component, values: list[float]) -> None:
+    """Factors whose ΔW (importance and alpha included) has exactly these singular values."""
+    width = len(values)
+    basis = torch.linalg.qr(torch.randn(DIM, DIM, generator=torch.Generator().manual_seed(3)))[0]
+    scale = (component.alpha * component.importance().float())[:width]
+    with torch.no_grad():
+        component.down[:width] = basis[:width]
+        component.up[:, :width] = basis[:, DIM - width :] * (torch.tensor(values) / scale)
+
+
+@pytest.mark.parametrize(("third_after", "width_after"), [(1.02e-4, 2), (1e-2, 3)])
+def test_the_shrink_check_sheds_a_creeping_direction_and_spares_a_climbing_one(
+    third_after: float, width_after: int
+) -> None:
+    """Wiring of :func:`rising_count` into the shrink check: a third direction at 1e-4 of the top one that
+    creeps up by 2 % is shed at the next check; one that climbs to 1e-2 (on course to pass the 5 % keep
+    threshold within ``growth_patience``) is kept."""
+    handle = attach(TwoLayers().requires_grad_(False), LoRA2Config(targets="attn", init_rank=3, max_rank=8))
+    control = handle._controls["to_v"]
+    _set_singular_values(control.component, [1.0, 0.5, 1e-4])
+    assert control._shrink() is None  # first check: nothing known to have stopped yet
+    _set_singular_values(control.component, [1.0, 0.5, third_after])
+    control._shrink()
+    assert control.component.width == width_after
+
+
 def test_a_young_component_below_its_need_is_not_shrunk_while_it_learns() -> None:
     """At a slow learning rate the initial positions are still small at the first shrink check; a rule
     judging size alone cut them (measured in diffusion: every component fell from 4 to 2-3 at step 50)."""
