@@ -99,6 +99,10 @@ class LoRA2Config:
     """Evidence rule: a direction of ΔW is dropped below this share of the component's largest one..."""
     shrink_floor: float = 1e-3
     """...or below this share of the adapted weight's spectral norm (a ΔW that is nothing next to W)."""
+    shrink_horizon: int = 200
+    """Evidence rule: a small direction still counts as young (kept) while its rise since the last check
+    would carry it past the keep size within this many steps. Traced: young tail directions were 50-100
+    steps short of it, one left by round-off ~70,000 (README, "Where the diffusion benchmark stands")."""
     compensate_importance: bool = True
     """Evidence rule: new positions' ``down`` rows are scaled by ``p(0)/p(i)`` so that a tail position
     learns as fast as the first one (under Adam a position's ΔW moves ∝ alpha·p(i)·‖down row‖)."""
@@ -140,7 +144,7 @@ class LoRA2Config:
                 raise LoRA2Error(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 < self.evidence_beta < 1.0:
             raise LoRA2Error(f"evidence_beta must lie strictly between 0 and 1, got {self.evidence_beta}")
-        for name in ("growth_z", "growth_fade", "growth_patience", "shrink_ratio", "shrink_floor"):
+        for name in ("growth_z", "growth_fade", "growth_patience", "shrink_ratio", "shrink_floor", "shrink_horizon"):
             if getattr(self, name) < 0:
                 raise LoRA2Error(f"{name} must be 0 or more, got {getattr(self, name)}")
 

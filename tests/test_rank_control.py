@@ -162,6 +162,24 @@ def test_sketch_finds_the_top_direction_outside_the_span() -> None:
     assert float((direction @ span_in).abs().max()) < 1e-5
 
 
+def test_tracked_directions_stay_outside_the_spans_without_reprojection() -> None:
+    """``observe`` measures along ``u``, ``v`` as they are (no projection per step, for speed): that is
+    right only while every update keeps them outside the spans, across a span change too."""
+    generator = torch.Generator().manual_seed(2)
+    sketch = GradientSketch(DIM, DIM, directions=4, beta=0.9, generator=generator)
+    for _ in range(2):
+        down = torch.randn(3, DIM, generator=generator)
+        up = torch.randn(DIM, 3, generator=generator)
+        sketch.set_spans(down, up)
+        for _ in range(200):
+            x = torch.randn(16, DIM, generator=generator)
+            sketch.observe(x, x @ planted(4, 7).T + 0.3 * torch.randn(16, DIM, generator=generator))
+        basis_in, basis_out = torch.linalg.qr(down.T)[0], torch.linalg.qr(up)[0]
+        assert float((basis_in.T @ sketch.v).abs().max()) < 1e-5
+        assert float((basis_out.T @ sketch.u).abs().max()) < 1e-5
+        torch.testing.assert_close(sketch.u.T @ sketch.u, torch.eye(4), atol=1e-5, rtol=0)
+
+
 def test_sketch_evidence_is_quiet_under_pure_noise() -> None:
     generator = torch.Generator().manual_seed(1)
     sketch = GradientSketch(DIM, DIM, directions=4, beta=0.9, generator=generator)
@@ -220,16 +238,24 @@ def _set_singular_values(component, values: list[float]) -> None:
         component.up[:, :width] = basis[:, DIM - width :] * (torch.tensor(values) / scale)
 
 
-@pytest.mark.parametrize(("third_after", "width_after"), [(1.02e-4, 2), (1e-2, 3)])
+@pytest.mark.parametrize(
+    ("third_before", "third_after", "horizon", "width_after"),
+    [
+        (1e-4, 1.02e-4, 200, 2),  # creeps by round-off: shed
+        (1e-4, 1e-2, 200, 3),  # climbs from nothing: young
+        (0.02, 0.022, 200, 3),  # 20 checks at +0.002 pass the 5 % keep size...
+        (0.02, 0.022, 50, 2),  # ...5 checks do not: the horizon comes from the config
+    ],
+)
 def test_the_shrink_check_sheds_a_creeping_direction_and_spares_a_climbing_one(
-    third_after: float, width_after: int
+    third_before: float, third_after: float, horizon: int, width_after: int
 ) -> None:
-    """Wiring of :func:`rising_count` into the shrink check: a third direction at 1e-4 of the top one that
-    creeps up by 2 % is shed at the next check; one that climbs to 1e-2 (on course to pass the 5 % keep
-    threshold within ``growth_patience``) is kept."""
-    handle = attach(TwoLayers().requires_grad_(False), LoRA2Config(targets="attn", init_rank=3, max_rank=8))
+    """Wiring of :func:`rising_count` into the shrink check: a third direction below the 5 % keep size is
+    kept only if its rise since the previous check carries it there within ``shrink_horizon`` steps."""
+    config = LoRA2Config(targets="attn", init_rank=3, max_rank=8, shrink_horizon=horizon)
+    handle = attach(TwoLayers().requires_grad_(False), config)
     control = handle._controls["to_v"]
-    _set_singular_values(control.component, [1.0, 0.5, 1e-4])
+    _set_singular_values(control.component, [1.0, 0.5, third_before])
     assert control._shrink() is None  # first check: nothing known to have stopped yet
     _set_singular_values(control.component, [1.0, 0.5, third_after])
     control._shrink()
@@ -255,6 +281,7 @@ def test_spectral_norm_by_power_iteration() -> None:
         ({"decide_every": 0}, "decide_every"),
         ({"evidence_beta": 1.0}, "evidence_beta"),
         ({"growth_z": -1.0}, "growth_z"),
+        ({"shrink_horizon": -1}, "shrink_horizon"),
     ],
 )
 def test_rank_control_settings_are_validated(fields: dict, message: str) -> None:
