@@ -64,6 +64,15 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
+WEIGHT_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+}
+"""How the benchmark's base weights may be stored (``--weights``): fp8 as Flux users load checkpoints."""
+
+
 def fill_seeded_(module: torch.nn.Module, seed: int) -> None:
     """N(0, 1/fan_in) matrices, 1 ± 0.02 norm scales, 0 ± 0.02 biases: activations stay O(1) with depth."""
     generators: dict[torch.device, torch.Generator] = {}

@@ -150,12 +150,9 @@ def _install_clock(clock: StepClock) -> None:
 
 # ----------------------------------------------------------------------------- the configurations
 def _model(cfg: dict[str, Any]):
-    import torch
+    from .speed_models import WEIGHT_DTYPES, build_model
 
-    from .speed_models import build_model
-
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg["weights"]]
-    return build_model(cfg["model"], cfg["seed"], dtype, cfg["device"])
+    return build_model(cfg["model"], cfg["seed"], WEIGHT_DTYPES[cfg["weights"]], cfg["device"])
 
 
 def _inputs(cfg: dict[str, Any]):
@@ -305,7 +302,13 @@ def run_lora2(cfg: dict[str, Any]) -> dict[str, Any]:
             LoRA2Train.execute(model, dataset, **lora2_settings(cfg))
     except StopBench:
         pass
-    return {**clock.result(cfg["warmup"]), **memory.stop()}
+    return {**clock.result(cfg["warmup"]), **memory.stop(), "stored_dtypes": _stored_dtypes(model)}
+
+
+def _stored_dtypes(model) -> list[str]:
+    """The dtypes the base model's weight matrices are stored in after training (fp8 must stay fp8)."""
+    diffusion = model.model.diffusion_model
+    return sorted({str(p.dtype).removeprefix("torch.") for p in diffusion.parameters() if p.ndim >= 2})
 
 
 def _lora_file(cfg: dict[str, Any], model, folder: Path) -> Path:

@@ -39,7 +39,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .speed_models import MODELS
+from .speed_models import MODELS, WEIGHT_DTYPES
 
 LORA2_KINDS = {"lora2-attn": ("attn", True), "lora2-all": ("all", True), "fixed-attn": ("attn", False)}
 LORA2_KINDS["fixed-all"] = ("all", False)
@@ -103,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--node-steps", type=int, default=None, help="the nodes' steps widget (default: theirs)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--compute", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--weights", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--weights", default="float32", choices=list(WEIGHT_DTYPES), help="how base weights are stored")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in every trainer")
     parser.add_argument("--latent-side", type=int, default=None, help="latent height/width (default per model)")
     parser.add_argument("--apply-rank", type=int, default=32, help="rank of the LoRA file the Apply test merges")
@@ -213,8 +213,9 @@ def measure(
                 entry["wall_s"] += result["wall_s"]
                 entry["added_mb"].append(result["added_mb"])
                 entry["peak_mb"].append(result["peak_mb"])
-                if "file_mb" in result:
-                    entry["file_mb"] = result["file_mb"]
+                for passed_on in ("file_mb", "stored_dtypes"):  # per configuration, the same every run
+                    if passed_on in result:
+                        entry[passed_on] = result[passed_on]
                 bar.update()
     return samples
 
@@ -233,7 +234,7 @@ def summarise(samples: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "steps_measured": len(entry["step_s"]),
             "added_mb": statistics.median(entry["added_mb"]),
             "peak_mb": statistics.median(entry["peak_mb"]),
-            **({"file_mb": entry["file_mb"]} if "file_mb" in entry else {}),
+            **{key: entry[key] for key in ("file_mb", "stored_dtypes") if key in entry},
         }
     return out
 

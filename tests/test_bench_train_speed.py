@@ -130,3 +130,21 @@ def test_gpu_check_runs_its_bf16_checkpointed_path_on_cpu() -> None:
     assert math.isfinite(result["ratios"]["step_vs_native_all"])
     for kind in ("native r4", "lora2-all r4", "floor"):
         assert any(line.startswith(f"| tiny | {kind} |") for line in lines), kind
+
+
+def test_lora2_trains_on_an_fp8_stored_base_without_widening_it() -> None:
+    """Flux users load fp8 checkpoints: LoRA² Train must run on them with ComfyUI casting per layer,
+    leaving the stored weights in fp8 (a float32 copy of the base would cost 4× its memory)."""
+    run = ["--models", "tiny", "--ranks", "4", "--steps", "1", "--warmup", "1", "--repeats", "1"]
+    setup = ["--kinds", "lora2-all", "--latent-side", "8", "--weights", "float8_e4m3fn", "--compute", "bfloat16"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "comfyui_lora2.bench.train_speed", *run, *setup],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    entry = json.loads(proc.stdout.strip().splitlines()[-1])["raw"]["tiny lora2-all r4"]
+    assert entry["step_s"] > 0
+    assert entry["stored_dtypes"] == ["float8_e4m3fn"]
