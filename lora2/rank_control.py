@@ -75,9 +75,7 @@ def kept_directions(singular_values: torch.Tensor, weight_norm: float, rule: LoR
     return max(1, int((singular_values >= threshold).sum()))
 
 
-def rising_count(
-    singular_values: torch.Tensor, before: torch.Tensor | None, threshold: float = 0.0, horizon: float = 0.0
-) -> int:
+def rising_count(singular_values: torch.Tensor, before: torch.Tensor | None, threshold: float, horizon: float) -> int:
     """How many leading directions are still being learned: up to the last one on course to be kept.
 
     A direction the weight prior faded is small *and* no longer growing; one that is still being learned

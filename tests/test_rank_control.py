@@ -208,11 +208,12 @@ def test_rules_are_the_documented_thresholds() -> None:
 
 def test_only_directions_that_stopped_growing_may_be_shed() -> None:
     now = torch.tensor([3.0, 1.0, 0.2, 0.01])
-    assert rising_count(now, None) == 4  # nothing known yet: nothing has stopped
-    assert rising_count(now, torch.tensor([3.5, 0.9, 0.3, 0.02])) == 2  # the second still rises
-    assert rising_count(now, torch.tensor([2.0, 1.5, 0.3, 0.005])) == 4  # the last still rises
-    assert rising_count(now, now.clone()) == 0
-    assert rising_count(now, torch.tensor([3.5, 0.5])) == 2  # a shorter history compares what it has
+    anywhere = {"threshold": 0.0, "horizon": 0.0}  # no size to reach: every rise counts
+    assert rising_count(now, None, **anywhere) == 4  # nothing known yet: nothing has stopped
+    assert rising_count(now, torch.tensor([3.5, 0.9, 0.3, 0.02]), **anywhere) == 2  # the second still rises
+    assert rising_count(now, torch.tensor([2.0, 1.5, 0.3, 0.005]), **anywhere) == 4  # the last still rises
+    assert rising_count(now, now.clone(), **anywhere) == 0
+    assert rising_count(now, torch.tensor([3.5, 0.5]), **anywhere) == 2  # a shorter history compares what it has
 
 
 def test_a_rise_counts_only_when_it_is_on_course_to_reach_the_kept_size() -> None:
