@@ -307,7 +307,9 @@ def run_lora2(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _stored_dtypes(model) -> list[str]:
     """The dtypes the base model's weight matrices are stored in after training (fp8 must stay fp8)."""
-    diffusion = model.model.diffusion_model
+    from comfyui_lora2.nodes.comfy.model import base_model
+
+    diffusion = base_model(model).diffusion_model
     return sorted({str(p.dtype).removeprefix("torch.") for p in diffusion.parameters() if p.ndim >= 2})
 
 
