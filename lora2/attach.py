@@ -28,6 +28,7 @@ from torch import nn
 from . import rank as rank_math
 from .config import LoRA2Config
 from .errors import LoRA2Error
+from .growth import fold_pending
 from .layers import AdaptiveLoRA, WidthChange
 from .optimizer_state import replace_parameter, zero_positions
 from .rank_control import EvidenceControl
@@ -193,6 +194,7 @@ class LoRA2Handle:
     def _evidence_step(self, optimizer: torch.optim.Optimizer | None) -> dict[str, WidthChange]:
         """Every ``decide_every`` steps, let each component's evidence grow or shrink it."""
         changes: dict[str, WidthChange] = {}
+        fold_pending(c.sketch for c in self.components.values() if c.sketch is not None)  # batched, per shape
         if self.step_count % self.config.decide_every == 0:
             for name, control in self._controls.items():
                 change = control.decide(self.step_count)
@@ -218,9 +220,10 @@ class LoRA2Handle:
         """Reset every gradient sketch that took in NaN/inf (called when a step blew up, before a checkpoint)."""
         for control in self._controls.values():
             sketch = control.sketch
-            if sketch is not None and not all(
-                bool(torch.isfinite(t).all()) for t in (sketch.a, sketch.b, sketch.s_sum)
-            ):
+            if sketch is None:
+                continue
+            sketch.flush()  # a pending observation is this step's, the one that blew up
+            if not all(bool(torch.isfinite(t).all()) for t in (sketch.a, sketch.b, sketch.s_sum)):
                 control.reset_sketch()
 
     # ----------------------------------------------------------------- inspection

@@ -26,6 +26,8 @@ when the wish has faded to noise-free round-off, where a z-test alone would fire
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 
@@ -33,16 +35,20 @@ from .spectrum import orthonormal_basis
 
 
 def _signed_orthonormal(matrix: torch.Tensor) -> torch.Tensor:
-    """Gram–Schmidt of the columns (QR), each column signed to point along the column it came from."""
+    """Gram–Schmidt of the columns (QR), each column signed to point along the column it came from.
+
+    ``matrix`` is ``[n, k]`` or a stack ``[G, n, k]`` (one QR per member, in one call).
+    """
     q, r = torch.linalg.qr(matrix)
-    return q * torch.sign(torch.sign(torch.diagonal(r)) + 0.5)  # sign, with +1 where the diagonal is 0
+    sign = torch.sign(torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)) + 0.5)  # +1 where the diagonal is 0
+    return q * sign.unsqueeze(-2)
 
 
 def _project_out(vectors: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
-    """``(I − Q Qᵀ) vectors`` for an orthonormal ``Q`` (``vectors`` unchanged without one)."""
-    if basis is None or basis.shape[1] == 0:
+    """``(I − Q Qᵀ) vectors`` for an orthonormal ``Q`` (``vectors`` unchanged without one); stacks work too."""
+    if basis is None or basis.shape[-1] == 0:
         return vectors
-    return vectors - basis @ (basis.T @ vectors)
+    return vectors - basis @ (basis.mT @ vectors)
 
 
 class GradientSketch:
@@ -68,9 +74,12 @@ class GradientSketch:
         self.basis_in: torch.Tensor | None = None
         self.basis_out: torch.Tensor | None = None
         self.peak = torch.zeros(())
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        """This step's ``(Gv, Gᵀu)``, not yet folded in: :func:`fold_pending` folds many sketches at once."""
         self.reset_evidence()
 
     def to(self, device: torch.device) -> GradientSketch:
+        self.flush()
         for name in self._STATE:
             setattr(self, name, getattr(self, name).to(device))
         for name in ("basis_in", "basis_out"):
@@ -83,6 +92,7 @@ class GradientSketch:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """What continuing exactly needs (the spans are recomputed from the factors on load)."""
+        self.flush()
         state = {name: getattr(self, name).detach().clone() for name in self._STATE}
         state["count"] = torch.tensor(self.count, dtype=torch.int64)
         for name in ("basis_in", "basis_out"):  # as last set: a fresh span would steer the sketch elsewhere
@@ -92,6 +102,7 @@ class GradientSketch:
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.pending = None
         device = self.u.device
         for name in self._STATE:
             setattr(self, name, state[name].to(device, torch.float32).clone())
@@ -108,6 +119,7 @@ class GradientSketch:
         tracked directions are still projected, so a stale span only leaks a little of what the
         positions already follow into the estimate).
         """
+        self.flush()
         self.basis_in = orthonormal_basis(down.detach().float().T)
         self.basis_out = orthonormal_basis(up.detach().float())
         self.u = _signed_orthonormal(_project_out(self.u, self.basis_out))
@@ -118,15 +130,21 @@ class GradientSketch:
     # ----------------------------------------------------------------- one training step's gradient
     @torch.no_grad()
     def observe(self, x: torch.Tensor, delta: torch.Tensor) -> None:
-        """Fold one step's ``G = δᵀx`` (given as ``x [N, in]``, ``δ [N, out]``) into the estimate.
+        """Take one step's ``G = δᵀx`` (given as ``x [N, in]``, ``δ [N, out]``): its products along ``v``, ``u``.
+
+        Only the two products that need ``x`` and ``δ`` are computed here, in the backward pass; the
+        rest of the update (projections, averages, two QRs: ~30 small kernels) waits in ``pending``
+        until :func:`fold_pending` folds every sketch of one shape in one batched update, or until
+        anything reads this sketch (every reader calls :meth:`flush`). Per component it was most of the
+        sketch's cost on small layers (bench/NOTES.md §8); the numbers are the same either way.
 
         ``u`` and ``v`` are already outside the spans (``set_spans`` projects them, and every update
         orthonormalises averages of projected products), so they are used as they are: re-projecting
         them here cost four small matmuls per component per step for a round-off difference.
         """
+        self.flush()  # the products below use the directions the previous observation left
         x, delta = x.float(), delta.float()
-        v, u = self.v, self.u
-        self._fold(delta.T @ (x @ v), x.T @ (delta @ u), u)
+        self.pending = (delta.T @ (x @ self.v), x.T @ (delta @ self.u))
 
     @torch.no_grad()
     def observe_conv(
@@ -146,6 +164,7 @@ class GradientSketch:
         (``kh·kw`` times its size). Measured on a 320-channel 3×3 layer at 32×32: 16 ms → 3 ms.
         ``x`` must already be padded for padding modes other than zeros (then ``padding`` is 0).
         """
+        self.flush()
         x, delta = x.float(), delta.float()
         v, u = self.v, self.u
         k = v.shape[1]
@@ -157,26 +176,16 @@ class GradientSketch:
         weight_grad = torch.ops.aten.convolution_backward(
             du, x, filters, None, stride, padding, dilation, False, (0, 0), 1, mask
         )[1]
-        self._fold(a, weight_grad.flatten(1).T, u)
+        self.pending = (a, weight_grad.flatten(1).T)
 
-    def _fold(self, xv_product: torch.Tensor, du_product: torch.Tensor, u: torch.Tensor) -> None:
-        """The update from one step's ``Gv = δᵀ(xv)`` [out, k] and ``Gᵀu = xᵀ(δu)`` [in, k]."""
-        a = _project_out(xv_product, self.basis_out)  # G⊥ v_j, [out, k]
-        b = _project_out(du_product, self.basis_in)  # G⊥ᵀ u_j, [in, k]
-        s = (u * a).sum(dim=0)  # u_jᵀ G⊥ v_j with directions fixed before this batch
-        # β·old + (1 − β)·new for the four averages in one call (per-call overhead is most of the cost)
-        torch._foreach_lerp_(
-            [self.a, self.b, self.b_energy, self.s_mean], [a, b, b.pow(2).sum(dim=0), s], 1.0 - self.beta
-        )
-        self.s_sum.add_(s)
-        self.s_square_sum.add_(s * s)
-        self.count += 1
-        self.peak = torch.maximum(self.peak, self.strength().max())
-        self.u = _signed_orthonormal(self.a)
-        self.v = _signed_orthonormal(self.b)
+    def flush(self) -> None:
+        """Fold a pending observation now (a no-op without one)."""
+        if self.pending is not None:
+            fold_pending((self,))
 
     def reset_evidence(self) -> None:
         """Forget the statistics (after the width changed, what they measured is in the span now)."""
+        self.flush()
         device = self.u.device
         self.s_mean = torch.zeros(self.k, device=device)
         self.s_sum = torch.zeros(self.k, device=device)
@@ -186,6 +195,7 @@ class GradientSketch:
     # ----------------------------------------------------------------- the evidence
     def strength(self) -> torch.Tensor:
         """The bias-corrected mean of ``s_j`` per direction: how much the loss wants each one."""
+        self.flush()
         if self.count == 0:
             return torch.zeros(self.k, device=self.u.device)
         return self.s_mean / (1.0 - self.beta**self.count)
@@ -201,6 +211,7 @@ class GradientSketch:
         ``c = (1−β)/(1+β)`` of their noise energy, so ``‖E b‖² ≈ (‖b̄‖² − c·E‖b_t‖²) / (1 − c)``. Measured on
         one-image diffusion batches, the raw ratio sat at 0.2-0.6 for directions that were real.
         """
+        self.flush()
         if self.count == 0:
             return torch.zeros(self.k, device=self.u.device)
         correction = 1.0 - self.beta**self.count
@@ -216,6 +227,7 @@ class GradientSketch:
         one image are noisy (per-step signal-to-noise well below 1), and only a test whose sample grows
         with time can tell a small, persistent wish from noise. Pure noise keeps ``z ~ N(0, 1)``.
         """
+        self.flush()
         if self.count < 2:
             return torch.zeros(self.k, device=self.u.device)
         mean = self.s_sum / self.count
@@ -224,5 +236,77 @@ class GradientSketch:
 
     def new_directions(self, count: int) -> torch.Tensor:
         """The first ``count`` tracked input directions, orthonormal rows ``[count, in]`` outside the span."""
+        self.flush()
         v = _project_out(self.v[:, :count], self.basis_in)
         return _signed_orthonormal(v).T.contiguous()
+
+
+# ----------------------------------------------------------------------------- the batched update
+def _stacked_basis(bases: list[torch.Tensor | None], rows: int, like: torch.Tensor) -> torch.Tensor | None:
+    """The members' span bases as one ``[G, rows, D]`` stack, narrower ones padded with zero columns.
+
+    A zero column projects nothing out, so padding changes no number; it lets components of one shape
+    but different widths share one batched projection.
+    """
+    width = max((b.shape[1] for b in bases if b is not None), default=0)
+    if width == 0:
+        return None
+    padded = [
+        like.new_zeros(rows, width) if b is None else (b if b.shape[1] == width else F.pad(b, (0, width - b.shape[1])))
+        for b in bases
+    ]
+    return torch.stack(padded)
+
+
+def fold_pending(sketches: Iterable[GradientSketch]) -> None:
+    """Fold every pending observation, one batched update per group of sketches with equal shapes.
+
+    The handle calls it once per step for all its components (a model has a few dozen distinct layer
+    shapes and a hundred or more components), so the ~30 small kernels of an update run once per
+    shape instead of once per component.
+    """
+    groups: dict[tuple, list[GradientSketch]] = {}
+    for sketch in sketches:
+        if sketch.pending is not None:
+            key = (tuple(sketch.u.shape), tuple(sketch.v.shape), sketch.u.device, sketch.beta)
+            groups.setdefault(key, []).append(sketch)
+    for group in groups.values():
+        _fold_group(group)
+
+
+@torch.no_grad()
+def _fold_group(group: list[GradientSketch]) -> None:
+    """The update of :class:`GradientSketch` from one step's ``Gv`` [out, k] and ``Gᵀu`` [in, k], stacked."""
+    beta = group[0].beta
+    out_features, in_features = group[0].u.shape[0], group[0].v.shape[0]
+    u = torch.stack([s.u for s in group])
+    xv_product = torch.stack([s.pending[0] for s in group])
+    du_product = torch.stack([s.pending[1] for s in group])
+    a = _project_out(xv_product, _stacked_basis([s.basis_out for s in group], out_features, u))  # G⊥ v_j
+    b = _project_out(du_product, _stacked_basis([s.basis_in for s in group], in_features, u))  # G⊥ᵀ u_j
+    s_step = (u * a).sum(dim=1)  # u_jᵀ G⊥ v_j with directions fixed before this batch, [G, k]
+    state = {name: torch.stack([getattr(s, name) for s in group]) for name in _FOLDED}
+    # β·old + (1 − β)·new for the four averages in one call
+    torch._foreach_lerp_(
+        [state["a"], state["b"], state["b_energy"], state["s_mean"]],
+        [a, b, b.pow(2).sum(dim=1), s_step],
+        1.0 - beta,
+    )
+    state["s_sum"].add_(s_step)
+    state["s_square_sum"].add_(s_step * s_step)
+    counts = [s.count + 1 for s in group]
+    correction = torch.tensor([1.0 - beta**c for c in counts], device=u.device)
+    strength = state["s_mean"] / correction[:, None]
+    state["peak"] = torch.maximum(state["peak"], strength.max(dim=1).values)
+    state["u"] = _signed_orthonormal(state["a"])
+    state["v"] = _signed_orthonormal(state["b"])
+    members = {name: value.unbind(0) for name, value in state.items()}
+    for i, sketch in enumerate(group):
+        for name, values in members.items():
+            setattr(sketch, name, values[i])
+        sketch.count = counts[i]
+        sketch.pending = None
+
+
+_FOLDED = ("a", "b", "b_energy", "s_mean", "s_sum", "s_square_sum", "peak")
+"""The sketch's state an update changes in place (``u``, ``v`` are rebuilt from ``a``, ``b``)."""

@@ -190,6 +190,8 @@ class EvidenceControl:
     def _grow(self, step: int) -> WidthChange | None:
         sketch, c = self.sketch, self.component
         room = self.config.max_rank - c.width
+        if sketch is not None:
+            sketch.flush()  # the handle folds every sketch before deciding; this keeps a lone call right
         if sketch is None or room <= 0 or sketch.count < self.config.decide_every:
             return None
         count = min(

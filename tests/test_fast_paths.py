@@ -257,3 +257,43 @@ def test_no_sketch_work_at_max_rank_and_the_same_widths(monkeypatch) -> None:
         always, always_counts = fit_at_max_rank(True, 120, patch)
     assert always_counts["to_v"][-1] > 0  # the old schedule did feed it
     assert always == history
+
+
+def test_batched_fold_equals_folding_each_sketch_alone(monkeypatch) -> None:
+    """``fold_pending`` stacks sketches of one shape into one update: spans of different widths (and
+    none) are zero-padded, counts differ per member, and every number comes out as a lone fold's."""
+    from comfyui_lora2.lora2 import growth
+
+    def sketches() -> list[GradientSketch]:
+        made = []
+        for index, (n_in, n_out, span) in enumerate([(12, 10, 3), (12, 10, 1), (12, 10, 0), (8, 6, 2)]):
+            sketch = GradientSketch(n_in, n_out, 3, 0.9, torch.Generator().manual_seed(index))
+            if span:
+                spans = torch.Generator().manual_seed(10 + index)
+                sketch.set_spans(torch.randn(span, n_in, generator=spans), torch.randn(n_out, span, generator=spans))
+            made.append(sketch)
+        ahead = torch.Generator().manual_seed(4)
+        made[1].observe(torch.randn(5, 12, generator=ahead), torch.randn(5, 10, generator=ahead))  # a count ahead
+        made[1].flush()
+        return made
+
+    alone, batched = sketches(), sketches()
+    folds: list[int] = []
+    fold_group = growth._fold_group
+    monkeypatch.setattr(growth, "_fold_group", lambda group: (folds.append(len(group)), fold_group(group)))
+    data = torch.Generator().manual_seed(3)
+    for _ in range(25):
+        for a, b in zip(alone, batched, strict=True):
+            x = torch.randn(7, a.v.shape[0], generator=data)
+            delta = x @ torch.ones(a.v.shape[0], a.u.shape[0]) * 0.1 + torch.randn(7, a.u.shape[0], generator=data)
+            a.observe(x, delta)
+            a.flush()
+            b.observe(x, delta)
+        folds.clear()
+        growth.fold_pending(batched)
+        assert sorted(folds) == [1, 3]  # one update per shape, not one per sketch
+    for a, b in zip(alone, batched, strict=True):
+        assert a.count == b.count
+        for name in ("u", "v", "a", "b", "b_energy", "s_mean", "s_sum", "s_square_sum", "peak"):
+            torch.testing.assert_close(getattr(b, name), getattr(a, name), atol=1e-5, rtol=1e-5, msg=name)
+        torch.testing.assert_close(b.z_scores(), a.z_scores(), atol=1e-4, rtol=1e-4)

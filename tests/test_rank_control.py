@@ -174,6 +174,7 @@ def test_tracked_directions_stay_outside_the_spans_without_reprojection() -> Non
         for _ in range(200):
             x = torch.randn(16, DIM, generator=generator)
             sketch.observe(x, x @ planted(4, 7).T + 0.3 * torch.randn(16, DIM, generator=generator))
+        sketch.flush()
         basis_in, basis_out = torch.linalg.qr(down.T)[0], torch.linalg.qr(up)[0]
         assert float((basis_in.T @ sketch.v).abs().max()) < 1e-5
         assert float((basis_out.T @ sketch.u).abs().max()) < 1e-5
