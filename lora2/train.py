@@ -368,6 +368,23 @@ class Trainer:
         self.history.eval_steps.append(self.step)
         self.history.eval_loss.append(self.evaluate())
 
+    def _read_step(self, data_loss: torch.Tensor, check_norm: bool) -> tuple[float, float | None]:
+        """Clip the gradients; the loss and the gradient norm, read from the device together.
+
+        The step's one device-to-host read (two before: the loss before the backward, the norm after
+        it, each draining the device's queue). A non-finite loss is now caught after its backward,
+        which is harmless: the optimizer step is skipped either way, and the NaN the backward fed the
+        gradient sketches is discarded by :meth:`_stop_on_non_finite`. With a float16 ``GradScaler``
+        the norm is not checked: inf gradients are the scaler's to skip.
+        """
+        values = [data_loss.detach().float().reshape(())]
+        if self.config.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(list(self.handle.parameters()), self.config.max_grad_norm)
+            if check_norm:
+                values.append(norm.detach().float().reshape(()).to(values[0].device))
+        read = torch.stack(values).tolist()
+        return read[0], (read[1] if len(read) > 1 else None)
+
     def _stop_on_non_finite(self, batch: BatchLike, what: str) -> None:
         """NaN/inf within one step: keep the last finite adapter (like Cancel) and say the likely cause.
 
@@ -405,19 +422,17 @@ class Trainer:
                 self._set_lr()
                 batch = next(self.batches)
                 data_loss = self._loss(batch)
-                if not math.isfinite(float(data_loss.detach())):
-                    self._stop_on_non_finite(batch, f"the loss became {float(data_loss.detach())}")
                 objective = data_loss if self.handle.ranks_frozen else data_loss + self.handle.regularizer()
                 if scaler is not None:
                     scaler.scale(objective).backward()
                     scaler.unscale_(self.optimizer)
                 else:
                     objective.backward()
-                params = list(self.handle.parameters())
-                if cfg.max_grad_norm > 0:
-                    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                    if scaler is None and not math.isfinite(float(norm)):
-                        self._stop_on_non_finite(batch, f"the gradient norm became {float(norm)}")
+                loss_value, norm = self._read_step(data_loss, scaler is None)
+                if not math.isfinite(loss_value):
+                    self._stop_on_non_finite(batch, f"the loss became {loss_value}")
+                if norm is not None and not math.isfinite(norm):
+                    self._stop_on_non_finite(batch, f"the gradient norm became {norm}")
                 if scaler is not None:
                     scaler.step(self.optimizer)
                     scaler.update()
@@ -427,7 +442,6 @@ class Trainer:
                 self.handle.step(self.optimizer)
                 self.step += 1
                 ranks = self.handle.ranks()
-                loss_value = float(data_loss.detach())
                 self.history.record(loss_value, ranks)
                 if self.on_step is not None:
                     self.on_step(

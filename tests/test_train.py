@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from comfyui_lora2.devtools.tiny_unet import RULE, Batch, data, denoiser_for, tiny_unet
 from comfyui_lora2.lora2 import LoRA2Config, LoRA2Error, attach
@@ -93,6 +94,30 @@ def test_non_finite_loss_saves_the_last_finite_adapter_and_names_the_cause(sourc
     assert [step for step, _ in saved] == [4]
     torch.testing.assert_close(saved[0][1], trainer.handle.delta(name))  # nothing stepped on the bad batch
     assert bool(torch.isfinite(trainer.handle.delta(name)).all())
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the tensor-to-Python reads (each one a device sync on a GPU) made inside the mode."""
+
+    READS = frozenset({torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__, torch.Tensor.__bool__})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_step_reads_the_device_once() -> None:
+    """The loss and the gradient norm come back in one read (no eval, no rank decision in these steps)."""
+    _, _, batches = data()
+    trainer = make_trainer(tiny_unet(), batches, steps=5)
+    with HostReads() as reads:
+        result = trainer.run()
+    assert reads.count == result.step == 5
+    assert all(isinstance(loss, float) for loss in result.history.loss)
 
 
 def test_resume_continues_exactly_where_it_stopped() -> None:
