@@ -358,8 +358,10 @@ class _ObserveGradient(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         component = ctx.component
         if component._observed_token != component.observe_token:
-            component._observed_token = component.observe_token
+            # Unpack first: in a checkpointed block this can trigger the block's recomputation, which
+            # must still see this component observing (as the first pass did) to save the same tensors.
             (x,) = ctx.saved_tensors
+            component._observed_token = component.observe_token
             component._observe(x.detach(), grad)
         return grad, None, None
 
