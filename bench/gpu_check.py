@@ -5,8 +5,9 @@ built from their configs with random weights (nothing is downloaded): SD1.5 at 5
 SDXL at 1024² (latents 128²), weights stored in bfloat16, bfloat16 compute, gradient checkpointing by
 block in every trainer, rank 32, batch 1. It prints the GPU's name, then per model the median step
 time and ``torch.cuda.max_memory_allocated`` of the frozen model's floor, native (every weight) and
-LoRA² (``attn`` and ``all``), then ``train_speed``'s JSON line. Sized to finish within 8 minutes on
-one recent GPU (8 processes, 3 measured steps each).
+LoRA² (``attn`` and ``all`` at native's size, ``max_rank`` = rank, and ``attn`` with room to grow, as the
+node's defaults train), then ``train_speed``'s JSON line. Sized to finish within 8 minutes on one
+recent GPU (10 processes, 3 measured steps each).
 
 ``--device cpu --models tiny --latent-side 8`` runs the same path on the tiny model without a GPU (what
 the test does), so the command is known to work before a GPU is lent.
@@ -20,7 +21,8 @@ import time
 
 from . import train_speed
 
-KINDS = "floor,native,lora2-attn,lora2-all"
+KINDS = "floor,native,lora2-attn,lora2-all,room-attn"
+"""``room-attn`` is the node's default shape (rank grows from ``init_rank``): the gradient sketch at work."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

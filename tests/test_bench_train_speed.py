@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+from comfyui_lora2.bench import gpu_check
 from comfyui_lora2.devtools.layout import MISSING_HOST_REASON, host_available
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not host_available(), reason=MISSING_HOST_REASON)]
@@ -115,6 +116,8 @@ def test_gpu_check_runs_its_bf16_checkpointed_path_on_cpu() -> None:
             "1",
             "--warmup",
             "1",
+            "--kinds",
+            f"{gpu_check.KINDS},room-all",  # room-all: a block ending in an adapted layer, checkpointed
         ],
         capture_output=True,
         text=True,
@@ -125,7 +128,8 @@ def test_gpu_check_runs_its_bf16_checkpointed_path_on_cpu() -> None:
     lines = proc.stdout.strip().splitlines()
     assert lines[0].startswith("device: CPU")
     result = json.loads(lines[-1])
-    assert {entry["kind"] for entry in result["raw"].values()} == {"floor", "native", "lora2-attn", "lora2-all"}
+    kinds = {"floor", "native", "lora2-attn", "lora2-all", "room-attn", "room-all"}  # room: the sketch at work
+    assert {entry["kind"] for entry in result["raw"].values()} == kinds
     assert all(entry["step_s"] > 0 and entry["peak_mb"] > 0 for entry in result["raw"].values())
     assert math.isfinite(result["ratios"]["step_vs_native_all"])
     for kind in ("native r4", "lora2-all r4", "floor"):
