@@ -368,14 +368,14 @@ class Trainer:
         self.history.eval_steps.append(self.step)
         self.history.eval_loss.append(self.evaluate())
 
-    def _read_step(self, data_loss: torch.Tensor, check_norm: bool) -> tuple[float, float | None]:
+    def _clip_and_read(self, data_loss: torch.Tensor, check_norm: bool) -> tuple[float, float | None]:
         """Clip the gradients; the loss and the gradient norm, read from the device together.
 
-        The step's one device-to-host read (two before: the loss before the backward, the norm after
-        it, each draining the device's queue). A non-finite loss is now caught after its backward,
-        which is harmless: the optimizer step is skipped either way, and the NaN the backward fed the
-        gradient sketches is discarded by :meth:`_stop_on_non_finite`. With a float16 ``GradScaler``
-        the norm is not checked: inf gradients are the scaler's to skip.
+        The step's one device-to-host read (three before: the loss before the backward, the norm after
+        it, the loss again for the history; each drains the device's queue). A non-finite loss is now
+        caught after its backward, which is harmless: the optimizer step is skipped either way, and the
+        NaN the backward fed the gradient sketches is discarded by :meth:`_stop_on_non_finite`. With a
+        float16 ``GradScaler`` the norm is not checked: inf gradients are the scaler's to skip.
         """
         values = [data_loss.detach().float().reshape(())]
         if self.config.max_grad_norm > 0:
@@ -428,7 +428,7 @@ class Trainer:
                     scaler.unscale_(self.optimizer)
                 else:
                     objective.backward()
-                loss_value, norm = self._read_step(data_loss, scaler is None)
+                loss_value, norm = self._clip_and_read(data_loss, scaler is None)
                 if not math.isfinite(loss_value):
                     self._stop_on_non_finite(batch, f"the loss became {loss_value}")
                 if norm is not None and not math.isfinite(norm):
