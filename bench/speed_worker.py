@@ -15,18 +15,21 @@ devtools/comfy_host.py does: the tree on ``sys.path``, ``utils.install_util`` be
 Step times come from ComfyUI's progress-bar hook, which both trainers call once per optimizer step, so
 both are timed at the same point; the run is stopped from that hook after ``warmup + steps`` steps
 (``StopBench``), so nodes run with their default ``steps`` (evaluation and freeze schedules as a user
-gets them) but the benchmark pays only for the steps it measures. Peak memory is the process's peak
-resident set (``VmHWM``, reset through ``/proc/self/clear_refs`` just before the measured call) minus
-the resident set at that moment, i.e. what the call itself added; on CUDA it is
-``torch.cuda.max_memory_allocated`` (absolute, and the same minus what was allocated before). The last
+gets them) but the benchmark pays only for the steps it measures. Memory is read two ways
+(:class:`Memory`): the process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``
+just before the measured call) minus the resident set at that moment, and the peak of allocated bytes
+over those at that moment (glibc's count, sampled through one extra untimed step: :mod:`.allocated`);
+on CUDA both are ``torch.cuda.max_memory_allocated`` minus what was allocated before. The last
 line printed is one JSON object.
 """
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -36,10 +39,19 @@ from typing import Any
 
 from ..devtools.layout import COMFY_DIR
 from ..devtools.layout import STUBS_DIR as TORCHVISION_STUB  # used only when no torchvision is installed
+from . import allocated
 
 
 class StopBench(Exception):
     """Raised from the progress hook once the measured steps are done."""
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A temporary folder removed when the worker exits: a full run starts hundreds of workers, and
+    each left its ComfyUI folders (and the Apply test its 6 MB LoRA file) in ``/tmp`` before."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def boot_host(device: str, comfy_dir: Path = COMFY_DIR, stub: Path = TORCHVISION_STUB) -> None:
@@ -56,7 +68,7 @@ def boot_host(device: str, comfy_dir: Path = COMFY_DIR, stub: Path = TORCHVISION
 
     args.cpu = device == "cpu"
     args.disable_api_nodes = True
-    base = Path(tempfile.mkdtemp(prefix="lora2_speed_"))
+    base = scratch_dir("lora2_speed_")
     import folder_paths
 
     for name in ("loras", "checkpoints"):
@@ -76,10 +88,19 @@ def _status_kb(field: str) -> int:
 
 
 class Memory:
-    """Peak memory of one call: RSS high-water mark on CPU, the allocator's peak on CUDA."""
+    """Peak memory of one call: RSS high-water mark and peak allocated bytes on CPU, the allocator's peak on CUDA.
+
+    ``added_mb`` is what the call added to the resident set (CPU) or to the allocator (CUDA);
+    ``allocated_mb`` is the peak of allocated bytes over those at the start: on CUDA the same number, on
+    CPU glibc's in-use count sampled after every operation of one tracked step (:mod:`.allocated`,
+    :class:`StepClock`), or of the whole call where :meth:`track` brackets it. It is what the ratios read:
+    the RSS also holds the allocator's slack, which no trainer controls.
+    """
 
     def __init__(self, device: str) -> None:
         self.cuda = device.startswith("cuda")
+        self.tracker = None
+        self.allocated_peak: int | None = None
 
     def start(self) -> None:
         import torch
@@ -94,16 +115,36 @@ class Memory:
         except OSError:
             pass
         self.before = _status_kb("VmRSS") * 1024
+        if allocated.available():
+            self.allocated_before = allocated.malloc_in_use()
 
-    def stop(self) -> dict[str, float]:
+    def track_start(self) -> None:
+        """Start sampling allocated bytes (CPU with glibc; elsewhere nothing to do)."""
+        if self.cuda or not allocated.available() or self.tracker is not None:
+            return
+        self.tracker = allocated.PeakAllocated()
+        self.tracker.__enter__()
+
+    def track_stop(self) -> None:
+        if self.tracker is not None:
+            self.tracker.__exit__(None, None, None)
+            self.allocated_peak = self.tracker.peak
+            self.tracker = None
+
+    def stop(self) -> dict[str, float | None]:
         import torch
 
+        self.track_stop()
         if self.cuda:
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()
-        else:
-            peak = _status_kb("VmHWM") * 1024
-        return {"peak_mb": peak / 2**20, "added_mb": (peak - self.before) / 2**20}
+            added = (peak - self.before) / 2**20
+            return {"peak_mb": peak / 2**20, "added_mb": added, "allocated_mb": added}
+        peak = _status_kb("VmHWM") * 1024
+        allocated_mb = None
+        if self.allocated_peak is not None:
+            allocated_mb = (self.allocated_peak - self.allocated_before) / 2**20
+        return {"peak_mb": peak / 2**20, "added_mb": (peak - self.before) / 2**20, "allocated_mb": allocated_mb}
 
 
 # ----------------------------------------------------------------------------- step timing
@@ -113,15 +154,23 @@ class StepClock:
     On CPU a step's time is the process's CPU time (``time.process_time``), not the wall clock: the
     benchmark runs one torch thread, and on a shared machine the wall clock mostly measures the
     neighbours. On CUDA it is the wall clock after a synchronise. Both are kept (``wall_s``).
+
+    With ``memory``, one more step runs after the timed ones with :meth:`Memory.track_start` on (sampling
+    allocated bytes slows every operation, so that step is not timed), and the clock stops after it.
     """
 
-    def __init__(self, stop_after: int, device: str) -> None:
+    def __init__(self, stop_after: int, device: str, memory: Memory | None = None) -> None:
         self.stop_after = stop_after
         self.cuda = device.startswith("cuda")
+        self.memory = memory if memory is not None and not memory.cuda and allocated.available() else None
+        self.tracking = False
         self.times: list[float] = []
         self.walls: list[float] = []
 
     def tick(self, *_args, **_kwargs) -> None:
+        if self.tracking:
+            self.memory.track_stop()
+            raise StopBench()
         if self.cuda:
             import torch
 
@@ -129,7 +178,10 @@ class StepClock:
         self.walls.append(time.perf_counter())
         self.times.append(self.walls[-1] if self.cuda else time.process_time())
         if len(self.times) >= self.stop_after:
-            raise StopBench()
+            if self.memory is None:
+                raise StopBench()
+            self.tracking = True
+            self.memory.track_start()
 
     @staticmethod
     def _gaps(marks: list[float], warmup: int) -> list[float]:
@@ -183,8 +235,8 @@ def run_floor(cfg: dict[str, Any]) -> dict[str, Any]:
     cond = {k: v.to(device) for k, v in conds[0].items()}
     sigma = torch.tensor([1.0], device=device)
     dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg["compute"]]
-    clock = StepClock(cfg["warmup"] + cfg["steps"], cfg["device"])
     memory = Memory(cfg["device"])
+    clock = StepClock(cfg["warmup"] + cfg["steps"], cfg["device"], memory)
     memory.start()
     context = _checkpointing(cfg, diffusion)
     try:
@@ -217,9 +269,9 @@ def run_native(cfg: dict[str, Any]) -> dict[str, Any]:
     latent_dicts = [{"samples": lat[i : i + 1]} for i in range(lat.shape[0])]
     positive = [[c["cross_attn"], {k: v for k, v in c.items() if k != "cross_attn"}] for c in conds]
     native_dtype = "fp32" if cfg["compute"] == "float32" else "bf16"
-    clock = StepClock(cfg["warmup"] + cfg["steps"], cfg["device"])
-    _install_clock(clock)
     memory = Memory(cfg["device"])
+    clock = StepClock(cfg["warmup"] + cfg["steps"], cfg["device"], memory)
+    _install_clock(clock)
     memory.start()
     try:
         TrainLoraNode.execute(
@@ -293,9 +345,9 @@ def run_lora2(cfg: dict[str, Any]) -> dict[str, Any]:
 
     model = _model(cfg)
     dataset = _dataset(cfg)
-    clock = StepClock(cfg["warmup"] + cfg["steps"], cfg["device"])
-    _install_clock(clock)
     memory = Memory(cfg["device"])
+    clock = StepClock(cfg["warmup"] + cfg["steps"], cfg["device"], memory)
+    _install_clock(clock)
     memory.start()
     try:
         with torch.inference_mode():
@@ -342,10 +394,11 @@ def run_apply(cfg: dict[str, Any]) -> dict[str, Any]:
     import comfy.model_management
 
     model = _model(cfg)
-    folder = Path(tempfile.mkdtemp(prefix="lora2_apply_"))
+    folder = scratch_dir("lora2_apply_")
     path = _lora_file(cfg, model, folder)
     memory = Memory(cfg["device"])
     memory.start()
+    memory.track_start()  # the whole call: loading and merging have no steps to pick one from
     started, cpu = time.perf_counter(), time.process_time()
     if cfg["kind"] == "apply_stock":
         import comfy.sd
@@ -358,7 +411,7 @@ def run_apply(cfg: dict[str, Any]) -> dict[str, Any]:
 
         patched = apply_adapter(model, load_adapter(path), 1.0)
     comfy.model_management.load_models_gpu([patched], force_full_load=True)
-    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu  # includes the sampling's cost
     return {
         "step_s": [wall if cfg["device"].startswith("cuda") else cpu],
         "wall_s": [wall],
@@ -386,6 +439,8 @@ def main(argv: list[str] | None = None) -> None:
     boot_host(cfg["device"], Path(cfg.get("comfy_dir", COMFY_DIR)), Path(cfg.get("stub_dir", TORCHVISION_STUB)))
     import logging
     import warnings
+
+    import torch._dynamo  # a one-time import (+~80 MB) the first optimizer may trigger: not training memory
 
     logging.disable(logging.WARNING)  # ComfyUI's start-up warnings (torchaudio, ...) are not results
     warnings.filterwarnings("ignore")  # nor is autocast's note that CPU float32 autocast is a no-op

@@ -16,7 +16,9 @@ Each configuration runs in a process of its own (``speed_worker``: no allocator 
 repetitions are interleaved in a seeded random order (a busy machine slows every configuration alike),
 and each reports the median of its step times (CPU time of the one-thread process on CPU, since on a
 shared machine the wall clock measures the neighbours; wall clock after a synchronise on CUDA) and the
-peak memory the call added (RSS high-water mark on CPU, ``torch.cuda.max_memory_allocated`` on CUDA).
+peak memory the call added: peak allocated bytes (``torch.cuda.max_memory_allocated`` on CUDA, glibc's
+count of bytes in use on CPU, ``bench/allocated.py``), which the ratios read, and the resident set's
+growth (``rss_*``), which also holds the allocator's slack.
 ``--baseline DIR`` runs another version of the pack (``DIR/comfyui_lora2``) interleaved with this one,
 to A/B a change (``bench/NOTES.md``). Nodes run with their default ``steps`` and are
 stopped after the measured steps, so evaluation and freeze schedules are those of a default run.
@@ -201,7 +203,7 @@ def measure(
     from tqdm import tqdm
 
     samples: dict[str, dict[str, Any]] = {
-        r.label: {"run": r, "step_s": [], "wall_s": [], "added_mb": [], "peak_mb": []} for r in runs
+        r.label: {"run": r, "step_s": [], "wall_s": [], "added_mb": [], "peak_mb": [], "allocated_mb": []} for r in runs
     }
     order = random.Random(seed)
     with tqdm(total=len(runs) * repeats, desc="train_speed", file=sys.stderr) as bar:
@@ -213,6 +215,8 @@ def measure(
                 entry["wall_s"] += result["wall_s"]
                 entry["added_mb"].append(result["added_mb"])
                 entry["peak_mb"].append(result["peak_mb"])
+                if result.get("allocated_mb") is not None:
+                    entry["allocated_mb"].append(result["allocated_mb"])
                 for passed_on in ("file_mb", "stored_dtypes"):  # per configuration, the same every run
                     if passed_on in result:
                         entry[passed_on] = result[passed_on]
@@ -234,9 +238,15 @@ def summarise(samples: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "steps_measured": len(entry["step_s"]),
             "added_mb": statistics.median(entry["added_mb"]),
             "peak_mb": statistics.median(entry["peak_mb"]),
+            "allocated_mb": statistics.median(entry["allocated_mb"]) if entry["allocated_mb"] else None,
             **{key: entry[key] for key in ("file_mb", "stored_dtypes") if key in entry},
         }
     return out
+
+
+MEMORY = "allocated_mb"
+"""The memory the ratios read: peak allocated bytes (``torch.cuda.max_memory_allocated`` on a GPU, glibc's
+count on CPU); ``added_mb``, the resident set's growth, is kept beside it (``rss_*`` ratios)."""
 
 
 def _get(raw: dict, model: str, kind: str, rank: int | None = None) -> dict | None:
@@ -259,7 +269,7 @@ def ratios(raw: dict[str, dict[str, Any]], models: list[str], ranks: list[int]) 
         for rank in ranks:
             top = _get(raw, model, numerator, rank)
             bottom = _get(raw, model, denominator, None if denominator == "floor" else rank)
-            if top and bottom and bottom[field] > 0:
+            if top and bottom and top[field] is not None and bottom[field]:
                 values.append(top[field] / bottom[field])
         return values
 
@@ -281,32 +291,46 @@ def ratios(raw: dict[str, dict[str, Any]], models: list[str], ranks: list[int]) 
         "step_vs_native_attn": _worst(over_ranks("lora2-attn", "native")),
         "step_vs_floor_attn": _worst(over_ranks("lora2-attn", "floor")),
         "step_vs_floor_all": _worst(over_ranks("lora2-all", "floor")),
-        "peak_mem_vs_native_all": _worst(over_ranks("lora2-all", "native", "added_mb")),
+        "peak_mem_vs_native_all": _worst(over_ranks("lora2-all", "native", MEMORY)),
+        "rss_vs_native_all": _worst(over_ranks("lora2-all", "native", "added_mb")),
         "adaptive_vs_fixed_max": _worst(adaptive_vs_fixed),
         "room_vs_fixed_max": _worst(room_vs_fixed),
-        "apply_mem_over_stock_mb": round(ours["added_mb"] - stock["added_mb"], 2) if stock and ours else None,
+        "apply_mem_over_stock_mb": _difference(ours, stock, MEMORY),
+        "apply_rss_over_stock_mb": _difference(ours, stock, "added_mb"),
     }
+
+
+def _difference(ours: dict | None, stock: dict | None, field: str) -> float | None:
+    if not ours or not stock or ours[field] is None or stock[field] is None:
+        return None
+    return round(ours[field] - stock[field], 2)
+
+
+def _mb(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}"
 
 
 def table(raw: dict[str, dict[str, Any]]) -> str:
     """One row per configuration, with its ratio to native and to the floor of its model."""
     rows = [
-        "| configuration | step (s, CPU time on CPU) | ÷ native | ÷ floor | added memory (MB) | ÷ native |",
-        "|---|---|---|---|---|---|",
+        "| configuration | step (s, CPU time on CPU) | ÷ native | ÷ floor | allocated (MB) | ÷ native "
+        "| RSS added (MB) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, entry in raw.items():
         native = _get(raw, entry["model"], "native", entry["rank"])
         floor = _get(raw, entry["model"], "floor")
+        memory, rss = _mb(entry[MEMORY]), _mb(entry["added_mb"])
         if entry["kind"].startswith("apply"):
-            rows.append(
-                f"| {label} | {entry['step_s']:.3f} | | | {entry['added_mb']:.1f} (file {entry['file_mb']:.1f}) | |"
-            )
+            rows.append(f"| {label} | {entry['step_s']:.3f} | | | {memory} | | {rss} (file {entry['file_mb']:.1f}) |")
             continue
         step_native = f"{entry['step_s'] / native['step_s']:.2f}" if native else ""
         step_floor = f"{entry['step_s'] / floor['step_s']:.2f}" if floor else ""
-        mem_native = f"{entry['added_mb'] / native['added_mb']:.2f}" if native and native["added_mb"] > 0 else ""
-        step, added = f"{entry['step_s']:.3f}", f"{entry['added_mb']:.1f}"
-        rows.append(f"| {label} | {step} | {step_native} | {step_floor} | {added} | {mem_native} |")
+        mem_native = ""
+        if native and native[MEMORY] and entry[MEMORY] is not None:
+            mem_native = f"{entry[MEMORY] / native[MEMORY]:.2f}"
+        step = f"{entry['step_s']:.3f}"
+        rows.append(f"| {label} | {step} | {step_native} | {step_floor} | {memory} | {mem_native} | {rss} |")
     return "\n".join(rows)
 
 

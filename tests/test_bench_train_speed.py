@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -29,14 +30,22 @@ RATIOS = {
     "adaptive_vs_fixed_max",
     "room_vs_fixed_max",
     "apply_mem_over_stock_mb",
+    "rss_vs_native_all",
+    "apply_rss_over_stock_mb",
 }
 KINDS = {"floor", "native", "lora2-attn", "lora2-all", "fixed-attn", "fixed-all", "apply_stock", "apply_lora2"}
 KINDS |= {"room-attn", "room-all"}
 
 
 @pytest.fixture(scope="module")
-def quick_run() -> tuple[str, dict]:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def scratch(tmp_path_factory) -> Path:
+    """The workers' temporary folder (``TMPDIR``): what they leave there is checked below."""
+    return tmp_path_factory.mktemp("speed_tmp")
+
+
+@pytest.fixture(scope="module")
+def quick_run(scratch: Path) -> tuple[str, dict]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(scratch))
     proc = subprocess.run(
         [sys.executable, "-m", "comfyui_lora2.bench.train_speed", "--quick", "--seed", "3"],
         capture_output=True,
@@ -79,14 +88,32 @@ def test_ratios_are_read_from_the_raw_numbers(quick_run) -> None:
         raw["tiny lora2-attn r8"]["step_s"] / raw["tiny floor"]["step_s"], 1e-3
     )
     assert ratios["peak_mem_vs_native_all"] == pytest.approx(
-        raw["tiny lora2-all r8"]["added_mb"] / native["added_mb"], 1e-3
+        raw["tiny lora2-all r8"]["allocated_mb"] / native["allocated_mb"], 1e-3
     )
+    assert ratios["rss_vs_native_all"] == pytest.approx(raw["tiny lora2-all r8"]["added_mb"] / native["added_mb"], 1e-3)
     fixed = [raw[f"tiny lora2-{t} r8"]["step_s"] / raw[f"tiny fixed-{t} r8"]["step_s"] for t in ("attn", "all")]
     assert ratios["adaptive_vs_fixed_max"] == pytest.approx(max(fixed), 1e-3)
     room = [raw[f"tiny room-{t} r8"]["step_s"] / raw[f"tiny fixed-{t} r8"]["step_s"] for t in ("attn", "all")]
     assert ratios["room_vs_fixed_max"] == pytest.approx(max(room), 1e-3)
     stock, ours = raw["tiny apply_stock r32"], raw["tiny apply_lora2 r32"]
-    assert ratios["apply_mem_over_stock_mb"] == pytest.approx(ours["added_mb"] - stock["added_mb"], abs=0.01)
+    assert ratios["apply_mem_over_stock_mb"] == pytest.approx(ours["allocated_mb"] - stock["allocated_mb"], abs=0.01)
+    assert ratios["apply_rss_over_stock_mb"] == pytest.approx(ours["added_mb"] - stock["added_mb"], abs=0.01)
+
+
+def test_allocated_memory_is_measured_and_below_the_resident_growth(quick_run) -> None:
+    """glibc's in-use count of the tracked step: positive, and (the RSS also holds the allocator's
+    slack and what the first steps touched) never above the resident set's growth by more than noise."""
+    _, result = quick_run
+    for label, entry in result["raw"].items():
+        assert entry["allocated_mb"] is not None and entry["allocated_mb"] > 0, label
+    for kind in ("floor", "native r8", "lora2-all r8"):
+        entry = result["raw"][f"tiny {kind}"]
+        assert entry["allocated_mb"] < entry["added_mb"] + 2.0, (kind, entry)
+
+
+def test_workers_leave_no_temporary_folders(quick_run, scratch: Path) -> None:
+    left = sorted(p.name for p in scratch.iterdir() if p.name.startswith("lora2_"))
+    assert left == []
 
 
 def test_table_precedes_the_json_line(quick_run) -> None:
