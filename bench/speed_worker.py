@@ -93,8 +93,8 @@ class Memory:
     ``added_mb`` is what the call added to the resident set (CPU) or to the allocator (CUDA);
     ``allocated_mb`` is the peak of allocated bytes over those at the start: on CUDA the same number, on
     CPU glibc's in-use count sampled after every operation of one tracked step (:mod:`.allocated`,
-    :class:`StepClock`), or of the whole call where :meth:`track` brackets it. It is what the ratios read:
-    the RSS also holds the allocator's slack, which no trainer controls.
+    :class:`StepClock`), or of the whole call where the caller starts tracking with it (Apply). It is
+    what the ratios read: the RSS also holds the allocator's slack, which no trainer controls.
     """
 
     def __init__(self, device: str) -> None:
