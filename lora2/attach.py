@@ -214,7 +214,10 @@ class LoRA2Handle:
         """
         for control in self._controls.values():
             component = control.component
-            component.observe_token = self.step_count if component.width < self.config.max_rank else None
+            observing = component.width < self.config.max_rank
+            component.observe_token = self.step_count if observing else None
+            if not observing and component.sketch is not None:
+                component.sketch.release_spans()  # the size of the factors, unread until room returns
 
     def discard_non_finite_evidence(self) -> None:
         """Reset every gradient sketch that took in NaN/inf (called when a step blew up, before a checkpoint)."""

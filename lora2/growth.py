@@ -127,6 +127,18 @@ class GradientSketch:
         self.a = _project_out(self.a, self.basis_out)
         self.b = _project_out(self.b, self.basis_in)
 
+    def release_spans(self) -> None:
+        """Forget the span bases until the next :meth:`set_spans`.
+
+        For a sketch that is not being fed (its component is at ``max_rank``): nothing reads the bases
+        then (they project new observations, and the directions handed to a growth, which needs room),
+        and every decision sets them afresh before anything could. They are the size of the factors
+        themselves: +14 MB on the SD1.x-width model at rank 32 (bench/NOTES.md §13).
+        """
+        self.flush()
+        self.basis_in = None
+        self.basis_out = None
+
     # ----------------------------------------------------------------- one training step's gradient
     @torch.no_grad()
     def observe(self, x: torch.Tensor, delta: torch.Tensor) -> None:

@@ -37,12 +37,12 @@ def planted(rank: int, seed: int) -> torch.Tensor:
     return u @ torch.diag(0.5 + 0.5 * torch.rand(rank, generator=generator)) @ v.T
 
 
-def fit(rank_q: int, rank_v: int, steps: int, lr: float = 3e-3, **config) -> tuple:
+def fit(rank_q: int, rank_v: int, steps: int, lr: float = 3e-3, max_rank: int = 24, **config) -> tuple:
     """Train LoRA² on two layers against planted updates of the given ranks (0: no update)."""
     torch.manual_seed(0)
     model = TwoLayers().requires_grad_(False)
     targets = {"to_q": planted(rank_q, 1) if rank_q else torch.zeros(DIM, DIM), "to_v": planted(rank_v, 2)}
-    handle = attach(model, LoRA2Config(targets="attn", init_rank=4, max_rank=24, **config))
+    handle = attach(model, LoRA2Config(targets="attn", init_rank=4, max_rank=max_rank, **config))
     optimizer = torch.optim.Adam(handle.param_groups(lr))
     generator = torch.Generator().manual_seed(5)
     history = []
@@ -318,3 +318,23 @@ def test_non_finite_evidence_is_discarded_not_checkpointed() -> None:
     assert fresh is not poisoned and fresh.count == 0
     assert all(bool(torch.isfinite(value).all()) for value in fresh.state_dict().values())
     assert handle._controls["to_q"].sketch is clean  # a finite sketch keeps its evidence
+
+
+def test_a_sketch_at_max_rank_holds_no_spans_and_nothing_changes(monkeypatch) -> None:
+    """The span bases (the factors' size) are dropped while a component cannot grow; the run is the same
+    to the last bit as one that keeps them, including the steps after a component reached ``max_rank``."""
+    handle, _, history = fit(rank_q=0, rank_v=10, steps=120, max_rank=8)
+    assert any(ranks["to_v"] == 8 for ranks in history[:100]), history  # reached max_rank, then trained on
+    at_max = [c for c in handle.components.values() if c.width == 8]
+    assert at_max and all(c.sketch.basis_in is None and c.sketch.basis_out is None for c in at_max)
+    below = [c for c in handle.components.values() if c.width < 8]
+    assert all(c.sketch.basis_in is not None for c in below)
+
+    monkeypatch.setattr(GradientSketch, "release_spans", lambda self: None)
+    kept, _, kept_history = fit(rank_q=0, rank_v=10, steps=120, max_rank=8)
+    assert kept_history == history
+    for name, component in handle.components.items():
+        twin = kept.components[name]
+        torch.testing.assert_close(component.down, twin.down, atol=0, rtol=0)
+        torch.testing.assert_close(component.up, twin.up, atol=0, rtol=0)
+        torch.testing.assert_close(component.sketch.z_scores(), twin.sketch.z_scores(), atol=0, rtol=0)
