@@ -133,7 +133,8 @@ class GradientSketch:
         For a sketch that is not being fed (its component is at ``max_rank``): nothing reads the bases
         then (they project new observations, and the directions handed to a growth, which needs room),
         and every decision sets them afresh before anything could. They are the size of the factors
-        themselves: +14 MB on the SD1.x-width model at rank 32 (bench/NOTES.md §13).
+        themselves: 11.6 MB between steps on the SD1.x-width model at rank 32, 8.5 MB off the step's
+        peak (bench/NOTES.md §13).
         """
         self.flush()
         self.basis_in = None
