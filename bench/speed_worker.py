@@ -102,6 +102,11 @@ class Memory:
         self.tracker = None
         self.allocated_peak: int | None = None
 
+    @property
+    def samples_allocations(self) -> bool:
+        """Whether allocated bytes are sampled (CPU with glibc); on CUDA the allocator counts them itself."""
+        return not self.cuda and allocated.available()
+
     def start(self) -> None:
         import torch
 
@@ -115,12 +120,12 @@ class Memory:
         except OSError:
             pass
         self.before = _status_kb("VmRSS") * 1024
-        if allocated.available():
+        if self.samples_allocations:
             self.allocated_before = allocated.malloc_in_use()
 
     def track_start(self) -> None:
         """Start sampling allocated bytes (CPU with glibc; elsewhere nothing to do)."""
-        if self.cuda or not allocated.available() or self.tracker is not None:
+        if not self.samples_allocations or self.tracker is not None:
             return
         self.tracker = allocated.PeakAllocated()
         self.tracker.__enter__()
@@ -162,7 +167,7 @@ class StepClock:
     def __init__(self, stop_after: int, device: str, memory: Memory | None = None) -> None:
         self.stop_after = stop_after
         self.cuda = device.startswith("cuda")
-        self.memory = memory if memory is not None and not memory.cuda and allocated.available() else None
+        self.memory = memory if memory is not None and memory.samples_allocations else None
         self.tracking = False
         self.times: list[float] = []
         self.walls: list[float] = []
