@@ -144,7 +144,11 @@ def test_single_file_checkpoint_trains_the_same_adapter(comfy_host: ComfyHost, t
         load_file(str(tmp_path / "single/lora2.safetensors")),
     )
     assert folder.keys() == single.keys()
-    assert all(torch.equal(folder[k], single[k]) for k in folder)
+    for key, value in folder.items():
+        # The same training up to round-off: the two loads' weights reach the kernels in different
+        # layouts, and on some CPUs (AVX-512 EPYC) that moves a few float16 values of the file by one
+        # unit in the last place. A model loaded wrongly differs by the values' own size.
+        torch.testing.assert_close(single[key], value, rtol=0, atol=2 * float(value.abs().max()) * 2**-10, msg=key)
     assert train(checkpoint, tiny["data"], tmp_path / "none", *common) == 2  # no --model-config: told what to pass
 
 

@@ -194,7 +194,12 @@ def test_cancel_saves_a_valid_adapter_and_resume_continues(comfy_host: ComfyHost
     assert CAPTURED["history-sd15"]["loss"] == history["loss"]  # 7 + 5 = 12, bit for bit (data order too)
     straight = CAPTURED["adapter-sd15"]
     for name, component in straight.components.items():
-        assert torch.equal(component.delta(), final.components[name].delta()), name
+        # Equal up to round-off: the losses above are equal to the bit, but on some CPUs (AVX-512 EPYC)
+        # the factors of the resumed run differ from the straight run's by ~1e-9 (an ulp of values
+        # ~0.04). A resume that lost the optimizer state or a step moves them by the learning rate.
+        expected = component.delta()
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(final.components[name].delta(), expected, rtol=0, atol=1e-6 * scale, msg=name)
     # every factor stepped 12 times (ν follows the width under the evidence rule: not an optimizer parameter)
     assert {float(v["step"]) for v in final.resume.optimizer_state["state"].values()} == {12.0}
 
