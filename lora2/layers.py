@@ -26,7 +26,11 @@ from torch import nn
 
 from . import rank as rank_math
 from .growth import GradientSketch
+from .linear_update import LinearUpdate
 from .spectrum import factor_svd
+
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Dtypes :class:`LinearUpdate` has been checked in against the unfused ops (tests/test_fast_paths.py)."""
 
 
 class AdaptiveLoRA(nn.Module):
@@ -151,6 +155,9 @@ class AdaptiveLoRA(nn.Module):
         """ΔW·x without building ΔW: ``up · (alpha·p ⊙ (down · x))`` on the active positions only."""
         compute_dtype = x.dtype if x.is_floating_point() else torch.float32
         scale = self.scale(compute_dtype)
+        if self._fused_linear(x, scale):
+            component = self if self.sketch is not None and self.observing else None
+            return LinearUpdate.apply(x, self.down, self.up, scale, self.width, component)
         down = self.down[: self.width].to(compute_dtype)
         up = self.up[:, : self.width].to(compute_dtype)
         if not self.is_conv:
@@ -164,6 +171,20 @@ class AdaptiveLoRA(nn.Module):
         if self.sketch is not None and out.requires_grad and self.observing:
             out = _ObserveGradient.apply(out, x, self)
         return out
+
+    def _fused_linear(self, x: torch.Tensor, scale: torch.Tensor) -> bool:
+        """Whether :class:`LinearUpdate` computes this forward: a linear layer with a fixed ``alpha·p``
+        (autocast and mixed dtypes included). The unfused ops remain for convolutions, a ν learned
+        through its gradient, and forwards without gradients (which save nothing anyway)."""
+        return (
+            not self.is_conv
+            and torch.is_grad_enabled()
+            and x.dtype in _FUSED_DTYPES
+            and self.down.dtype in _FUSED_DTYPES
+            and self.up.dtype in _FUSED_DTYPES
+            and not scale.requires_grad
+            and (x.requires_grad or self.down.requires_grad or self.up.requires_grad)
+        )
 
     @property
     def observing(self) -> bool:

@@ -4,6 +4,8 @@
   and stay out of the way when ν is being learned (then ``p`` must be in the graph).
 * ``make_optimizer`` takes the fused kernel where it can, and the foreach one where it cannot.
 * Loading a float16 LoRA keeps its factors in float16 (no float32 copies), with the same ΔW.
+* ``LinearUpdate`` (a linear component's update as one node that recomputes its hidden activation)
+  gives the unfused ops' output and gradients to the bit, with and without autocast.
 """
 
 from __future__ import annotations
@@ -304,3 +306,139 @@ def test_batched_fold_equals_folding_each_sketch_alone(monkeypatch) -> None:
             scale = float(expected.abs().max()) + 1.0
             torch.testing.assert_close(getattr(b, name), expected, atol=1e-6 * scale, rtol=1e-5, msg=name)
         torch.testing.assert_close(b.z_scores(), a.z_scores(), atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- LinearUpdate
+def unfused_update(x, down, up, scale, width, _component=None):
+    """The linear component's update as separate autograd ops (what ``LinearUpdate`` replaces), with
+    ``AdaptiveLoRA.forward``'s casts of the factors to the input's dtype."""
+    down, up = down[:width].to(x.dtype), up[:, :width].to(x.dtype)
+    return torch.nn.functional.linear(torch.nn.functional.linear(x, down) * scale, up)
+
+
+DTYPE_MODES = {
+    "float32": (torch.float32, None),
+    "autocast-bf16, float32 input": (torch.float32, torch.bfloat16),
+    "autocast-bf16, bf16 input": (torch.bfloat16, torch.bfloat16),
+    "bf16 input, float32 factors": (torch.bfloat16, None),
+    "fp16 input under bf16 autocast": (torch.float16, torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 40), (2, 7, 24), (3, 40), (2, 9, 3, 16)])
+@pytest.mark.parametrize("capacity,width", [(8, 8), (8, 5), (16, 3), (3, 3), (12, 1)])
+@pytest.mark.parametrize("strided_input", [False, True])
+@pytest.mark.parametrize("mode", list(DTYPE_MODES))
+def test_linear_update_matches_the_unfused_ops_to_the_bit(shape, capacity, width, strided_input, mode) -> None:
+    """Output and all three gradients equal autograd's for the unfused ops, bit for bit, with and
+    without autocast: the products, casts and layouts are the same, so a seeded run learns exactly what
+    it learned before."""
+    from comfyui_lora2.lora2.linear_update import LinearUpdate
+
+    x_dtype, autocast = DTYPE_MODES[mode]
+    gen = torch.Generator().manual_seed(capacity * 10 + width)
+    x0 = torch.randn(*shape, generator=gen)
+    if strided_input:  # a transposed view, as an attention output often is
+        x0 = torch.randn(*shape[:-2], shape[-1], shape[-2], generator=gen).transpose(-1, -2)
+    x0 = x0.to(x_dtype)
+    down0 = torch.randn(capacity, shape[-1], generator=gen) * 0.2
+    up0 = torch.randn(11, capacity, generator=gen) * 0.2
+    scale = (torch.rand(width, generator=gen) + 0.5).to(x_dtype)
+    results = []
+    for update in (unfused_update, LinearUpdate.apply):
+        x, down, up = (t.clone().requires_grad_(True) for t in (x0, down0, up0))
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            out = update(x, down, up, scale, width, None)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.dtype)
+        out.backward(grad)
+        results.append((out.detach(), x.grad, down.grad, up.grad))
+    for name, ours, theirs in zip(("out", "x", "down", "up"), results[1], results[0], strict=True):
+        assert ours.dtype == theirs.dtype, name
+        assert torch.equal(ours, theirs), name
+
+
+def saved_bytes(c: AdaptiveLoRA, x: torch.Tensor) -> int:
+    """Bytes of the activations one forward saves for the backward (parameters and ``p`` excluded)."""
+    owned = {t.untyped_storage().data_ptr() for t in (c.down, c.up, c.scale(x.dtype))}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in owned:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        c(x)
+    return sum(storages.values())
+
+
+def test_a_linear_component_saves_only_its_input(monkeypatch) -> None:
+    """The hidden activation (tokens × width) is recomputed in the backward, not kept from the forward."""
+    c = component()
+    c.nu.requires_grad_(False)  # as under evidence rank control: p is fixed between decisions
+    x = torch.randn(2, 50, 12, requires_grad=True)
+    assert saved_bytes(c, x) == x.numel() * x.element_size()
+    monkeypatch.setattr(AdaptiveLoRA, "_fused_linear", lambda self, x, scale: False)
+    hidden = 2 * 50 * c.width * 4
+    assert saved_bytes(c, x) == x.numel() * x.element_size() + hidden  # what the unfused ops kept
+
+
+class Attention(nn.Module):
+    """q, k and v from one input, as in a transformer block: three adapters share ``x``'s gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.to_q, self.to_k, self.to_v, self.to_out = (nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        weights = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1)
+        return self.to_out(weights @ v) + x
+
+
+def trained_attention(fused: bool, monkeypatch) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    from comfyui_lora2.lora2 import attach
+
+    if not fused:
+        monkeypatch.setattr(AdaptiveLoRA, "_fused_linear", lambda self, x, scale: False)
+    torch.manual_seed(0)
+    model = nn.Sequential(Attention(), Attention()).requires_grad_(False)
+    handle = attach(model, targets=r"to_", init_rank=2, max_rank=6, decide_every=4, growth_z=2.0, growth_alignment=0.5)
+    optimizer = make_optimizer("adamw", handle.param_groups(lr=3e-2))
+    data = torch.Generator().manual_seed(1)
+    for _ in range(40):
+        x = torch.randn(2, 9, 16, generator=data, requires_grad=True)
+        (model(x) - x.flip(-1)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        handle.step(optimizer)
+    monkeypatch.undo()
+    factors = {}
+    for name, c in handle.components.items():
+        factors[f"{name}.down"], factors[f"{name}.up"] = c.down.detach().clone(), c.up.detach().clone()
+    return factors, handle.ranks()
+
+
+def test_training_with_linear_update_is_the_unfused_training_to_the_bit(monkeypatch) -> None:
+    """Twelve steps with rank decisions and the gradient sketch: same widths, same factors, bit for bit
+    (the order in which autograd sums ``x``'s gradients from q, k, v and their adapters is unchanged)."""
+    fused_factors, fused_ranks = trained_attention(True, monkeypatch)
+    plain_factors, plain_ranks = trained_attention(False, monkeypatch)
+    assert fused_ranks == plain_ranks
+    assert fused_factors.keys() == plain_factors.keys()
+    for name, value in fused_factors.items():
+        assert torch.equal(value, plain_factors[name]), name
+
+
+def test_a_linear_component_under_autocast_saves_the_cast_input_only() -> None:
+    """Under bfloat16 autocast the saved input is the bfloat16 cast autocast's own linear would save
+    (half of float32 ``x``), and no hidden activation; the unfused ops kept the cast hidden activation too."""
+    c = component()
+    c.nu.requires_grad_(False)
+    x = torch.randn(4, 30, 12, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = c(x)
+        assert saved_bytes(c, x) == x.numel() * 2
+    assert out.dtype == torch.bfloat16
+    assert out.grad_fn is not None and type(out.grad_fn).__name__ == "LinearUpdateBackward"
