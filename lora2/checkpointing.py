@@ -24,15 +24,38 @@ DEFAULT_BLOCK_PATTERN = (
 
 
 def find_blocks(model: nn.Module, class_pattern: str = DEFAULT_BLOCK_PATTERN) -> list[nn.Module]:
-    """The outermost modules whose class name matches ``class_pattern`` (nested matches are skipped)."""
+    """The modules to checkpoint: each block, taken with what wraps it alone, and the glue between blocks.
+
+    A block is a module whose class name matches ``class_pattern`` (nested matches are not looked at).
+    Walking down from ``model``, a child is taken whole when it holds at most one block: a transformer
+    block with the norm and projections around it (ComfyUI's ``SpatialTransformer`` of depth 1,
+    diffusers' ``Transformer2DModel``), a ResBlock with its upsampler, an upsampler or the output head on
+    their own. Why not the blocks alone: the glue's activations (group norms, 1×1 projections, an
+    upsampler's interpolated input) were then kept for the whole backward; on the SD1.x-width model
+    they held more than the blocks' saved inputs (bench/NOTES.md §15), and ComfyUI's own trainer, which
+    checkpoints the highest modules, held less memory than LoRA². Why not the highest modules either: a
+    ``SpatialTransformer`` of depth 10 (SDXL) recomputed whole would hold ten blocks' activations at once.
+    A bare layer between blocks (a single convolution or norm) is left alone: checkpointed, it would
+    still save its input, and cost a recomputation.
+    """
     pattern = re.compile(class_pattern)
+
+    def count(module: nn.Module) -> int:
+        if pattern.search(type(module).__name__):
+            return 1
+        return sum(count(child) for child in module.children())
+
     blocks: list[nn.Module] = []
 
     def visit(module: nn.Module) -> None:
         for child in module.children():
-            if pattern.search(type(child).__name__):
+            held = count(child)
+            listing = isinstance(child, (nn.ModuleList, nn.ModuleDict))  # never called itself: look inside
+            if pattern.search(type(child).__name__) or (not listing and held == 1):
                 blocks.append(child)
-            else:
+            elif not listing and held == 0 and any(True for _ in child.children()):
+                blocks.append(child)  # glue of more than one layer (an upsampler, the output head)
+            elif held > 0 or listing:
                 visit(child)
 
     visit(model)
