@@ -20,6 +20,7 @@ from comfyui_lora2.lora2.growth import GradientSketch
 from comfyui_lora2.lora2.layers import AdaptiveLoRA
 from comfyui_lora2.lora2.lora_file import load_adapter, save_adapter
 from comfyui_lora2.lora2.train import make_optimizer
+from comfyui_lora2.tests.support.saved import saved_storages
 
 
 def component(adaptive: bool = True) -> AdaptiveLoRA:
@@ -359,16 +360,7 @@ def test_linear_update_matches_the_unfused_ops_to_the_bit(shape, capacity, width
 
 def saved_bytes(c: AdaptiveLoRA, x: torch.Tensor) -> int:
     """Bytes of the activations one forward saves for the backward (parameters and ``p`` excluded)."""
-    owned = {t.untyped_storage().data_ptr() for t in (c.down, c.up, c.scale(x.dtype))}
-    storages: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in owned:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with saved_storages([c.down, c.up, c.scale(x.dtype)]) as storages:
         c(x)
     return sum(storages.values())
 

@@ -14,6 +14,7 @@ from comfyui_lora2.devtools.tiny_unet import RULE, Batch, data, denoiser_for, ti
 from comfyui_lora2.lora2 import LoRA2Config, LoRA2Error, attach
 from comfyui_lora2.lora2.checkpointing import DEFAULT_BLOCK_PATTERN, checkpointed, find_blocks
 from comfyui_lora2.lora2.train import TrainConfig, Trainer, available_optimizers, make_optimizer
+from comfyui_lora2.tests.support.saved import saved_storages
 
 
 @torch.no_grad()
@@ -187,17 +188,8 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
 
 def _saved_outside(unet, handle, regions) -> int:
     """Bytes of activations one forward saves outside the checkpointed ``regions`` (what they cannot free)."""
-    owned = {p.untyped_storage().data_ptr() for p in [*unet.parameters(), *handle.parameters()]}
-    storages: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in owned:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
     x, t, cond = torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.randn(2, 5, 16)
-    with checkpointed(regions), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with checkpointed(regions), saved_storages([*unet.parameters(), *handle.parameters()]) as storages:
         unet(x, t, encoder_hidden_states=cond).sample.pow(2).mean().backward()
     return sum(storages.values())
 
