@@ -175,10 +175,12 @@ class AdaptiveLoRA(nn.Module):
     def _fused_linear(self, x: torch.Tensor, scale: torch.Tensor) -> bool:
         """Whether :class:`LinearUpdate` computes this forward: a linear layer with a fixed ``alpha·p``
         (autocast and mixed dtypes included). The unfused ops remain for convolutions, a ν learned
-        through its gradient, and forwards without gradients (which save nothing anyway)."""
+        through its gradient, forwards without gradients (which save nothing anyway), and devices
+        autocast does not know (``meta``: the Function switches autocast off around its products)."""
         return (
             not self.is_conv
             and torch.is_grad_enabled()
+            and torch.amp.is_autocast_available(x.device.type)
             and x.dtype in _FUSED_DTYPES
             and self.down.dtype in _FUSED_DTYPES
             and self.up.dtype in _FUSED_DTYPES

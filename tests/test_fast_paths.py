@@ -434,3 +434,12 @@ def test_a_linear_component_under_autocast_saves_the_cast_input_only() -> None:
         assert saved_bytes(c, x) == x.numel() * 2
     assert out.dtype == torch.bfloat16
     assert out.grad_fn is not None and type(out.grad_fn).__name__ == "LinearUpdateBackward"
+
+
+def test_a_linear_component_on_the_meta_device_keeps_the_unfused_ops() -> None:
+    """Shape-only passes on ``meta`` tensors still work (autocast has no ``meta`` device to switch off)."""
+    c = component().to("meta")
+    c.nu.requires_grad_(False)
+    out = c(torch.empty(3, 12, device="meta", requires_grad=True))
+    assert out.shape == (3, 10) and out.device.type == "meta"
+    assert type(out.grad_fn).__name__ != "LinearUpdateBackward"
