@@ -248,14 +248,28 @@ class ComfyServer:
         """
         client_id = uuid.uuid4().hex
         run = asyncio.run(asyncio.wait_for(self._connect_post_follow(api_prompt, client_id, on_event), timeout))
-        run.history = self.history(run.prompt_id)
+        run.history = self.finished_history(run.prompt_id)
         return run
 
     def wait(self, prompt_id: str, client_id: str, *, timeout: float = 60.0) -> ServerRun:
         """Follow a prompt already posted with ``client_id`` until it finishes (history covers a late start)."""
         run = asyncio.run(asyncio.wait_for(self._follow_posted(prompt_id, client_id), timeout))
-        run.history = self.history(prompt_id)
+        run.history = self.finished_history(prompt_id)
         return run
+
+    def finished_history(self, prompt_id: str, patience: float = 30.0) -> dict[str, Any]:
+        """The history entry once it holds the run's ``status``, polled for up to ``patience`` seconds.
+
+        ComfyUI sends ``execution_success`` from inside the executor and writes the history entry when
+        the executor returns: on a loaded machine a read right after the message found no entry yet
+        (seen in CI: ``KeyError: 'status'``). Returns what is there after ``patience`` seconds.
+        """
+        deadline = time.monotonic() + patience
+        while True:
+            entry = self.history(prompt_id)
+            if "status" in entry or time.monotonic() >= deadline:
+                return entry
+            time.sleep(0.05)
 
     def _ws_url(self, client_id: str) -> str:
         return f"ws://127.0.0.1:{self.port}/ws?clientId={client_id}"

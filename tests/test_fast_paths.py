@@ -14,13 +14,13 @@ import pytest
 import torch
 from torch import nn
 
+from comfyui_lora2.devtools.saved_tensors import saved_storages
 from comfyui_lora2.lora2 import rank as R
 from comfyui_lora2.lora2.adapter import Adapter, Component
 from comfyui_lora2.lora2.growth import GradientSketch
 from comfyui_lora2.lora2.layers import AdaptiveLoRA
 from comfyui_lora2.lora2.lora_file import load_adapter, save_adapter
 from comfyui_lora2.lora2.train import make_optimizer
-from comfyui_lora2.tests.support.saved import saved_storages
 
 
 def component(adaptive: bool = True) -> AdaptiveLoRA:

@@ -210,3 +210,14 @@ def test_real_server_round_trip(host_server: ComfyServer) -> None:
     assert image["type"] == "output" and image["filename"].startswith("host_test")
     png = Image.open(io.BytesIO(host_server.view(**image)))
     assert png.size == (64, 64)
+
+
+def test_history_is_read_once_the_server_has_written_it(tmp_path, monkeypatch) -> None:
+    """``execution_success`` arrives before ComfyUI writes the history entry: the client waits for it
+    (a read right after the message found none on a loaded CI machine: ``KeyError: 'status'``)."""
+    server = ComfyServer(tmp_path / "base")
+    answers = iter([{}, {"prompt": []}, {"prompt": [], "status": {"status_str": "success"}}])
+    monkeypatch.setattr(server, "history", lambda prompt_id: next(answers))
+    assert server.finished_history("p1")["status"]["status_str"] == "success"
+    monkeypatch.setattr(server, "history", lambda prompt_id: {})
+    assert server.finished_history("p2", patience=0.2) == {}  # never written: what is there, not a hang

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from comfyui_lora2.devtools.saved_tensors import saved_storages
 from comfyui_lora2.devtools.tiny_unet import RULE, Batch, data, denoiser_for, tiny_unet
 from comfyui_lora2.lora2 import LoRA2Config, LoRA2Error, attach
 from comfyui_lora2.lora2.checkpointing import DEFAULT_BLOCK_PATTERN, checkpointed, find_blocks
 from comfyui_lora2.lora2.train import TrainConfig, Trainer, available_optimizers, make_optimizer
-from comfyui_lora2.tests.support.saved import saved_storages
 
 
 @torch.no_grad()

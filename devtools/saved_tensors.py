@@ -1,4 +1,5 @@
-"""Counting what autograd saves for the backward: the memory checks of issue 13 read it."""
+"""Counting what autograd saves for the backward: the memory tests of issue 13 (tests/test_fast_paths.py,
+tests/test_train.py) read it."""
 
 from __future__ import annotations
 
