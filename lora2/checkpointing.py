@@ -9,6 +9,7 @@ recomputation, which is exact because they are deterministic.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -40,6 +41,7 @@ def find_blocks(model: nn.Module, class_pattern: str = DEFAULT_BLOCK_PATTERN) ->
     """
     pattern = re.compile(class_pattern)
 
+    @functools.cache  # each module's count is asked once per ancestor the walk goes through
     def count(module: nn.Module) -> int:
         if pattern.search(type(module).__name__):
             return 1
@@ -51,7 +53,7 @@ def find_blocks(model: nn.Module, class_pattern: str = DEFAULT_BLOCK_PATTERN) ->
         for child in module.children():
             held = count(child)
             listing = isinstance(child, (nn.ModuleList, nn.ModuleDict))  # never called itself: look inside
-            if pattern.search(type(child).__name__) or (not listing and held == 1):
+            if not listing and held == 1:  # a block, or what wraps one block alone
                 blocks.append(child)
             elif not listing and held == 0 and any(True for _ in child.children()):
                 blocks.append(child)  # glue of more than one layer (an upsampler, the output head)

@@ -40,7 +40,8 @@ class LinearUpdate(torch.autograd.Function):
         compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):
             x_cast = x.to(compute)
-            hidden = _hidden(x_cast, down, scale, width, x.dtype, compute)
+            rows = x_cast.reshape(-1, x_cast.shape[-1])
+            hidden = _hidden(rows, _cast(down[:width], x.dtype, compute), scale)
             out = hidden.to(compute).mm(_cast(up[:, :width], x.dtype, compute).t())
         # The sketch reads the layer's own input, as _ObserveGradient does; saved twice costs nothing
         # when no cast was made, and the count of saved tensors never depends on observing (a
@@ -65,9 +66,9 @@ class LinearUpdate(torch.autograd.Function):
             grad_rows = grad.reshape(-1, up.shape[0])
             x_dtype = ctx.x_dtype
             active_up = _cast(up[:, :width], x_dtype, compute)
+            down_cast = _cast(down[:width], x_dtype, compute)
             grad_x = grad_down = grad_up = None
             if need_x or need_down:
-                down_cast = _cast(down[:width], x_dtype, compute)
                 # ``· scale`` promotes as the forward's multiply did; the cast back is autograd's to ``hidden``.
                 grad_hidden = (grad_rows.mm(active_up) * scale).to(compute)
                 if need_x:
@@ -75,7 +76,7 @@ class LinearUpdate(torch.autograd.Function):
                 if need_down:
                     grad_down = _padded(_cast(grad_hidden.t().mm(rows), x_dtype, down.dtype), down)
             if need_up:
-                hidden = _hidden(rows, down, scale, width, x_dtype, compute).to(compute)  # recomputed, not saved
+                hidden = _hidden(rows, down_cast, scale).to(compute)  # recomputed, not saved
                 # In the layout autograd's mm backward picks (by whether the active columns of ``up``
                 # reach the product contiguous): the other layout rounds differently.
                 if active_up.is_contiguous():
@@ -92,10 +93,9 @@ def _cast(tensor: torch.Tensor, via: torch.dtype, to: torch.dtype) -> torch.Tens
     return tensor.to(via).to(to)
 
 
-def _hidden(x_cast, down, scale, width: int, x_dtype: torch.dtype, compute: torch.dtype) -> torch.Tensor:
+def _hidden(rows: torch.Tensor, down_cast: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``scale ⊙ (down · x)`` over rows, in the dtype the multiply promotes to (as the unfused ops)."""
-    rows = x_cast.reshape(-1, x_cast.shape[-1])
-    return rows.mm(_cast(down[:width], x_dtype, compute).t()) * scale
+    return rows.mm(down_cast.t()) * scale
 
 
 def _padded(grad: torch.Tensor, parameter: torch.Tensor, dim: int = 0) -> torch.Tensor:

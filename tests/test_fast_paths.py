@@ -413,7 +413,7 @@ def trained_attention(fused: bool, monkeypatch) -> tuple[dict[str, torch.Tensor]
 
 
 def test_training_with_linear_update_is_the_unfused_training_to_the_bit(monkeypatch) -> None:
-    """Twelve steps with rank decisions and the gradient sketch: same widths, same factors, bit for bit
+    """Forty steps with rank decisions and the gradient sketch: same widths, same factors, bit for bit
     (the order in which autograd sums ``x``'s gradients from q, k, v and their adapters is unchanged)."""
     fused_factors, fused_ranks = trained_attention(True, monkeypatch)
     plain_factors, plain_ranks = trained_attention(False, monkeypatch)
